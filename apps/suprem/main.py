@@ -1,0 +1,60 @@
+"""MONAI Label app serving the SuPreM backbones for active annotation of abdominal CT.
+
+    monailabel start_server --app apps/suprem --studies <folder or DICOMweb URL> \
+        --conf models all --conf labels atlas25 --host 127.0.0.1
+
+Thin on purpose: it reads the conf, builds the tasks from lib/, and hands them to MONAILabelApp.
+"""
+
+import logging
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+
+from lib.app import build_tasks  # noqa: E402
+from lib.errors import checked_image, guarded  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class SuPreMApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.tasks = build_tasks(app_dir, studies, conf)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SuPreM active annotation",
+            description="SuPreM backbones (U-Net, Swin UNETR, SegResNet) for 25 abdominal structures, "
+            "with AbdomenAtlas-8K importance ranking",
+            version="0.1.0",
+            labels=self.tasks.label_dict,
+        )
+
+    def init_infers(self):
+        return self.tasks.infers
+
+    def init_trainers(self):
+        return self.tasks.trainers
+
+    def init_strategies(self):
+        return self.tasks.strategies
+
+    def init_scoring_methods(self):
+        return self.tasks.scoring
+
+    def info(self):
+        meta = super().info()
+        meta.update(self.tasks.info())
+        return meta
+
+    def infer(self, request, datastore=None):
+        ds = datastore or self.datastore()
+        image = checked_image(ds, request.get("image"))
+        what = f"infer {request.get('model')} on {os.path.basename(str(image))!r}"
+        return guarded(super().infer, what, dict(request, image=image), datastore)

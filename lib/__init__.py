@@ -1,0 +1,1 @@
+"""SuPreM active-annotation library: networks, transforms, tasks, strategies, rounds, data."""

@@ -1,0 +1,111 @@
+"""The app's ``--conf key value`` settings, parsed in one place with a default for each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional
+
+from lib.classes import DEFAULT_LABEL_SET, LABEL_SETS, label_set
+from lib.networks import BACKBONES
+from lib.transforms.recipe import PRESETS, Recipe
+
+TRUE = ("true", "1", "yes", "on")
+FALSE = ("false", "0", "no", "off")
+
+
+class ConfError(ValueError):
+    """A --conf value the app cannot use; the message names the key and the allowed values."""
+
+
+def _bool(conf: Mapping[str, str], key: str, default: bool) -> bool:
+    v = conf.get(key)
+    if v is None:
+        return default
+    v = str(v).strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise ConfError(f"--conf {key} {v!r}: expected true or false")
+
+
+def _number(conf: Mapping[str, str], key: str, kind, default):
+    v = conf.get(key)
+    if v is None or str(v) == "":
+        return default
+    try:
+        return kind(v)
+    except ValueError:
+        raise ConfError(f"--conf {key} {v!r}: expected a {kind.__name__}") from None
+
+
+@dataclass
+class AppConfig:
+    models: List[str]
+    labels_name: str
+    labels: List[str]
+    use_pretrained_model: bool
+    weights_dir: Optional[str]
+    model_dir: Optional[str]
+    hf_endpoint: Optional[str]
+    preset: str
+    recipe: Recipe
+    device: Optional[str]
+    skip_scoring: bool
+    skip_strategies: bool
+    skip_trainers: bool
+
+
+def parse_conf(conf: Mapping[str, str]) -> AppConfig:
+    """Turn MONAI Label's string conf into typed settings; ConfError names any bad key."""
+    conf = {k: v for k, v in (conf or {}).items()}
+    models_s = str(conf.get("models", "all")).strip()
+    if models_s in ("", "all"):
+        models = list(BACKBONES)
+    else:
+        models = [m.strip() for m in models_s.split(",") if m.strip()]
+        bad = [m for m in models if m not in BACKBONES]
+        if bad:
+            raise ConfError(f"--conf models: unknown {', '.join(bad)}; choose from all, {', '.join(BACKBONES)}")
+    labels_name = str(conf.get("labels", DEFAULT_LABEL_SET))
+    if labels_name not in LABEL_SETS:
+        raise ConfError(f"--conf labels {labels_name!r}: choose one of {', '.join(LABEL_SETS)}")
+    preset = str(conf.get("preset", "recipe"))
+    if preset not in PRESETS:
+        raise ConfError(f"--conf preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    try:
+        recipe = PRESETS[preset].with_overrides(
+            overlap=_number(conf, "overlap", float, None),
+            sw_batch_size=_number(conf, "sw_batch_size", int, None),
+            amp=conf.get("amp") or None,
+        )
+    except ValueError as e:
+        if isinstance(e, ConfError):
+            raise
+        raise ConfError(f"--conf overlap/sw_batch_size/amp: {e}") from None
+    return AppConfig(
+        models=models,
+        labels_name=labels_name,
+        labels=label_set(labels_name),
+        use_pretrained_model=_bool(conf, "use_pretrained_model", True),
+        weights_dir=conf.get("weights_dir") or None,
+        model_dir=conf.get("model_dir") or None,
+        hf_endpoint=conf.get("hf_endpoint") or None,
+        preset=preset,
+        recipe=recipe,
+        device=conf.get("device") or None,
+        skip_scoring=_bool(conf, "skip_scoring", False),
+        skip_strategies=_bool(conf, "skip_strategies", False),
+        skip_trainers=_bool(conf, "skip_trainers", False),
+    )
+
+
+def conf_summary(cfg: AppConfig) -> Dict:
+    return {
+        "models": cfg.models,
+        "labels": cfg.labels_name,
+        "preset": cfg.preset,
+        "recipe": cfg.recipe.as_dict(),
+        "use_pretrained_model": cfg.use_pretrained_model,
+        "weights_dir": cfg.weights_dir,
+    }

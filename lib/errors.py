@@ -1,0 +1,72 @@
+"""Turn failures inside a request into HTTP errors whose message names the problem.
+
+MONAI Label has no exception handler of its own: an exception escaping a task becomes a bare
+"Internal Server Error". These helpers map what went wrong to a status code and a readable detail,
+and make sure a request can only name images the datastore holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Callable, Dict
+
+from fastapi import HTTPException
+
+from lib.networks import CheckpointError
+from lib.transforms.checks import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def http_error(exc: BaseException, what: str) -> HTTPException:
+    """Status and message for ``exc`` raised while doing ``what`` (e.g. "infer segresnet on 'ct1'")."""
+    if isinstance(exc, HTTPException):
+        return exc
+    for e in _chain(exc):
+        if isinstance(e, InputError):
+            return HTTPException(status_code=422, detail=f"{what}: {e}")
+        if isinstance(e, CheckpointError):
+            return HTTPException(status_code=500, detail=f"{what}: model file problem: {e}")
+    messages = [str(e) for e in _chain(exc) if str(e)]
+    root = messages[-1] if messages else type(exc).__name__
+    return HTTPException(status_code=500, detail=f"{what} failed: {root[:500]}")
+
+
+def checked_image(datastore, image) -> str:
+    """The request's image, if the datastore holds it (or it is a file MONAI Label just uploaded).
+
+    A request naming any other path (``../``, an absolute path) is refused: request values must not
+    reach the file system unchecked.
+    """
+    if not isinstance(image, str) or not image:
+        raise HTTPException(status_code=400, detail="no image id given")
+    if os.path.isabs(image):
+        tmp = os.path.realpath(tempfile.gettempdir())
+        real = os.path.realpath(image)
+        if real.startswith(tmp + os.sep) and os.path.isfile(real):
+            return image  # an upload the endpoint stored in the temp folder
+        raise HTTPException(status_code=400, detail=f"image {image!r} is not an image id of this datastore")
+    if "/" in image or "\\" in image or image.startswith(".."):
+        raise HTTPException(status_code=400, detail=f"image id {image!r} holds path characters")
+    if not datastore.get_image_uri(image):
+        raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+    return image
+
+
+def guarded(fn: Callable, what: str, *args, **kwargs) -> Dict:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        err = http_error(e, what)
+        logger.error(f"{err.status_code} {err.detail}", exc_info=err.status_code >= 500)
+        raise err from e

@@ -1,0 +1,124 @@
+"""Infer task: a SuPreM backbone (or the average of several) segmenting the app's organs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+from monai.data import MetaTensor
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from lib.classes import CLASS_INDEX
+from lib.infers.predictor import NetworkCache, sliding_window_probs
+from lib.transforms import ProbsToLabeld, Recipe, ResampleToInputd, inference_pre_transforms
+from lib.weights import WeightsRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class SuPreMSegmentation(BasicInferTask):
+    """Segment the app's organs with one backbone, or average the sigmoid probabilities of several.
+
+    The label map comes back on the input's own grid, valued by SuPreM class index (0 = background).
+    """
+
+    def __init__(
+        self,
+        backbones: Sequence[str],
+        registry: WeightsRegistry,
+        labels: Sequence[str],
+        recipe: Recipe,
+        cache: NetworkCache,
+        description: str = "",
+    ):
+        self.backbones = list(backbones)
+        self.registry = registry
+        self.recipe = recipe
+        self.cache = cache
+        self.label_names = list(labels)
+        # Network output channel of each offered class (released order, index = channel + 1).
+        self.channels = [CLASS_INDEX[n] - 1 for n in self.label_names]
+        super().__init__(
+            path=None,
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels={n: CLASS_INDEX[n] for n in self.label_names},
+            dimension=3,
+            description=description or f"SuPreM {' + '.join(self.backbones)}",
+            config={"overlap": recipe.overlap, "sw_batch_size": recipe.sw_batch_size, "amp": recipe.amp},
+        )
+
+    # --- what MONAI Label asks of an infer task -------------------------------------------------------
+    def is_valid(self) -> bool:
+        return any(self.registry.available(b) for b in self.backbones)
+
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        info["backbones"] = self.active_backbones()
+        info["weights"] = {b: self.registry.info(b) for b in self.backbones}
+        info["recipe"] = self.recipe.as_dict()
+        return info
+
+    def active_backbones(self) -> List[str]:
+        return [b for b in self.backbones if self.registry.available(b)]
+
+    def request_recipe(self, data: Dict) -> Recipe:
+        """The recipe with the per-request overrides a client may send (overlap, sw_batch_size, amp)."""
+        kw = {}
+        if data.get("overlap") is not None:
+            kw["overlap"] = float(data["overlap"])
+        if data.get("sw_batch_size") is not None:
+            kw["sw_batch_size"] = int(data["sw_batch_size"])
+        if data.get("amp") is not None:
+            kw["amp"] = str(data["amp"])
+        return self.recipe.with_overrides(**kw)
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return inference_pre_transforms(self.recipe)
+
+    def run_pre_transforms(self, data, transforms):
+        # MONAI's Spacingd updates every "image_*" key as a meta dict; "image_path" is a string.
+        path = data.pop("image_path", None)
+        data = super().run_pre_transforms(data, transforms)
+        if path is not None:
+            data["image_path"] = path
+        return data
+
+    def inverse_transforms(self, data=None):
+        return None  # ResampleToInputd undoes the geometry in one step
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return [
+            ProbsToLabeld(keys="pred", class_indices=[CLASS_INDEX[n] for n in self.label_names]),
+            ResampleToInputd(keys="pred", ref_key="image"),
+        ]
+
+    def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
+        data["pred"] = self.probabilities(data["image"], data, device)
+        return data
+
+    def writer(self, data: Dict[str, Any], extension=None, dtype=None):
+        ext = data.get("result_extension") or ".nii.gz"
+        out, result = super().writer(data, extension=ext, dtype="uint8")
+        result = dict(result or {})
+        result["models"] = {b: self.registry.info(b) for b in data.get("backbones_used", [])}
+        return out, result
+
+    # --- the model part -------------------------------------------------------------------------------
+    def probabilities(self, image: torch.Tensor, data: Dict, device) -> MetaTensor:
+        """Mean sigmoid probability (C, X, Y, Z) over the loaded backbones, on the working grid."""
+        backbones = self.active_backbones()
+        if not backbones:
+            raise RuntimeError(f"no weights loaded for {', '.join(self.backbones)}")
+        recipe = self.request_recipe(data)
+        dev = torch.device(device)
+        total = None
+        for b in backbones:
+            net = self.cache.get(b, self.registry.current_path(b), dev)
+            p = sliding_window_probs(net, image, recipe, dev, self.channels)
+            total = p if total is None else total + p
+        data["backbones_used"] = backbones
+        mean = total / len(backbones)
+        return MetaTensor(mean, affine=image.affine, meta=dict(image.meta)) if isinstance(image, MetaTensor) else mean

@@ -1,0 +1,1 @@
+"""MONAI Label train tasks that fine-tune the SuPreM backbones on revised labels."""

@@ -1,0 +1,248 @@
+"""Train task: fine-tune one SuPreM backbone on the datastore's final labels, then publish atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from monai.handlers import from_engine
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.transforms import Activationsd, AsDiscreted
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from lib.classes import CLASS_INDEX
+from lib.networks import build_network, load_checkpoint, save_checkpoint
+from lib.trainers.split import persistent_split
+from lib.transforms.recipe import Recipe, training_transforms
+from lib.weights import WeightsRegistry
+from lib.weights.registry import file_version, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+class ChannelLoss(torch.nn.Module):
+    """Apply ``loss`` to the network output channels of the app's classes only."""
+
+    def __init__(self, loss: torch.nn.Module, channels: Sequence[int]):
+        super().__init__()
+        self.loss = loss
+        self.channels = list(channels)
+
+    def forward(self, logits, target):
+        return self.loss(logits[:, self.channels], target)
+
+
+class SuPreMTrainer(BasicTrainTask):
+    """Fine-tunes ``backbone`` (all 32 released output channels kept, loss on the app's label set).
+
+    Starts from the model the infer task serves now (released, starter or last fine-tuned weights),
+    trains with sigmoid BCE + Dice, AdamW, random foreground-biased crops and the SuPreM
+    pre-processing, then writes the best model in the released format to the registry's published
+    path through a temporary file and a rename. A failed or stopped training leaves the old model.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        registry: WeightsRegistry,
+        labels: Sequence[str],
+        recipe: Recipe,
+        model_dir: str,
+        split_file: str,
+        roi: Sequence[int] = (96, 96, 96),
+        max_epochs: int = 50,
+        num_samples: int = 2,
+        lr: float = 1e-4,
+        val_fraction: float = 0.2,
+        label_map: Optional[Dict[int, int]] = None,
+        description: str = "",
+        publish_to: Optional[str] = None,
+    ):
+        self.backbone = backbone
+        self.registry = registry
+        self.label_names = list(labels)
+        self.class_indices = [CLASS_INDEX[n] for n in self.label_names]
+        self.channels = [i - 1 for i in self.class_indices]
+        self.recipe = recipe
+        self.split_file = split_file
+        self.roi = tuple(int(r) for r in roi)
+        self.label_map = label_map
+        self.val_fraction = val_fraction
+        self.last_result: Dict = {}
+        self.publish_to = publish_to or registry.published_path(backbone)
+        config = {
+            "max_epochs": max_epochs,
+            "num_samples": num_samples,
+            "lr": lr,
+            "roi": ",".join(str(r) for r in self.roi),
+            "multi_gpu": torch.cuda.device_count() > 1,
+            "dataset": "Dataset",
+            "dataloader": "DataLoader",
+            "tracking": "None",
+        }
+        super().__init__(
+            model_dir=os.path.join(model_dir, f"train_{backbone}"),
+            description=description or f"Fine-tune SuPreM {backbone} on final labels",
+            config=config,
+            amp=torch.cuda.is_available(),
+            publish_path=None,  # published by _publish, atomically, once training has finished
+            stats_path=os.path.join(model_dir, f"train_{backbone}_stats.json"),
+            labels={n: CLASS_INDEX[n] for n in self.label_names},
+        )
+
+    # --- request values -------------------------------------------------------------------------------
+    def _roi(self, context: Context):
+        roi = context.request.get("roi", self.roi)
+        if isinstance(roi, str):
+            roi = [int(r) for r in roi.split(",")]
+        roi = list(roi) * 3 if len(roi) == 1 else list(roi)
+        return tuple(int(r) for r in roi)
+
+    # --- what MONAI Label asks of a train task --------------------------------------------------------
+    def network(self, context: Context):
+        net = build_network(self.backbone)
+        start = self.registry.current_path(self.backbone)
+        if start:
+            load_checkpoint(net, start)
+            logger.info(f"{self.backbone}: fine-tuning from {start}")
+        else:
+            logger.warning(f"{self.backbone}: no weights to start from; training from scratch")
+        context.start_model = start
+        return net
+
+    def optimizer(self, context: Context):
+        lr = float(context.request.get("lr", 1e-4))
+        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=1e-5)
+
+    def loss_function(self, context: Context):
+        return ChannelLoss(DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5), self.channels)
+
+    def lr_scheduler_handler(self, context: Context):
+        return None
+
+    def train_pre_transforms(self, context: Context):
+        return training_transforms(
+            self.recipe,
+            self.class_indices,
+            self._roi(context),
+            num_samples=int(context.request.get("num_samples", 2)),
+            label_map=self.label_map,
+        )
+
+    def train_post_transforms(self, context: Context):
+        return [
+            _SelectChannelsd(keys="pred", channels=self.channels),
+            Activationsd(keys="pred", sigmoid=True),
+            AsDiscreted(keys="pred", threshold=0.5),
+        ]
+
+    def val_pre_transforms(self, context: Context):
+        return training_transforms(self.recipe, self.class_indices, self._roi(context), augment=False, label_map=self.label_map)
+
+    def val_post_transforms(self, context: Context):
+        return self.train_post_transforms(context)
+
+    def train_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def val_inferer(self, context: Context):
+        return SlidingWindowInferer(roi_size=self._roi(context), sw_batch_size=1, overlap=0.25, mode="gaussian")
+
+    def train_key_metric(self, context: Context):
+        from monai.handlers import MeanDice
+
+        return {"train_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]), include_background=True)}
+
+    def val_key_metric(self, context: Context):
+        from monai.handlers import MeanDice
+
+        return {"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]), include_background=True)}
+
+    def val_additional_metrics(self, context: Context):
+        from monai.handlers import MeanDice
+
+        # Per-organ Dice, recorded in the round log.
+        return {
+            "val_dice_per_organ": MeanDice(
+                output_transform=from_engine(["pred", "label"]), include_background=True, reduction="mean_batch"
+            )
+        }
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        train, val = persistent_split(context.datalist, self.split_file, self.val_fraction)
+        logger.info(f"{self.backbone}: {len(train)} training and {len(val)} validation images (kept split)")
+        return train, val
+
+    def _load_checkpoint(self, context, train_handlers):
+        pass  # weights are loaded in network() with the safe loader
+
+    def load_path(self, output_dir, pretrained=True):
+        return None
+
+    # --- run, then publish ----------------------------------------------------------------------------
+    def __call__(self, request, datastore: Datastore):
+        start = time.time()
+        datalist = datastore.datalist()
+        if not datalist:
+            raise ValueError("no final labels to train on")
+        result = super().__call__(request, datastore)
+        result = dict(result or {})
+        published = self._publish(request, result, n_labels=len(datalist), seconds=time.time() - start)
+        result["published"] = published
+        self.last_result = result
+        return result
+
+    def _best_checkpoint(self, name: str) -> Optional[str]:
+        out = os.path.join(self._model_dir, name)
+        for f in (self._key_metric_filename, self._final_filename):
+            p = os.path.join(out, f)
+            if os.path.exists(p):
+                return p
+        return None
+
+    def _publish(self, request: Dict, result: Dict, n_labels: int, seconds: float) -> Optional[str]:
+        name = {**self._config, **request}.get("name", "train_01")
+        src = self._best_checkpoint(name)
+        if src is None:
+            raise RuntimeError(f"{self.backbone}: training produced no checkpoint; the previous model stays")
+        state = torch.load(src, map_location="cpu", weights_only=True)
+        state = state.get(self._model_dict_key, state) if isinstance(state, dict) else state
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        net = build_network(self.backbone)
+        net.load_state_dict(state, strict=True)
+        dest = self.publish_to
+        base = self.registry.current_path(self.backbone)
+        save_checkpoint(net, dest)
+        write_json_atomic(
+            dest + ".json",
+            {
+                "source": request.get("source", "fine-tuned"),
+                "trained_from": base,
+                "trained_from_version": file_version(base) if base and os.path.exists(base) else None,
+                "labels_used": n_labels,
+                "round": request.get("round"),
+                "seconds": round(seconds, 1),
+                "best_metric": result.get("best_metric"),
+                "published_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
+        logger.info(f"{self.backbone}: published {dest} (version {file_version(dest)})")
+        return dest
+
+
+class _SelectChannelsd:
+    """Keep the app's channels of the prediction so metrics compare like with like."""
+
+    def __init__(self, keys: str, channels: List[int]):
+        self.keys = keys
+        self.channels = channels
+
+    def __call__(self, data):
+        d = dict(data)
+        d[self.keys] = d[self.keys][self.channels]
+        return d

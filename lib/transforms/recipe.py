@@ -1,0 +1,138 @@
+"""The SuPreM pre-processing recipe as MONAI transforms, with the sliding-window settings beside it.
+
+One ``Recipe`` holds every number of the recipe so that inference, scoring and training cannot drift
+apart: RAS orientation, 1.5 mm isotropic spacing (bilinear), HU window -175..250 scaled to 0..1 and
+clipped, foreground crop, 96^3 sliding window with overlap 0.75 and gaussian blending, sigmoid per
+channel, threshold 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Tuple
+
+from monai.transforms import (
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from .checks import CheckCTd, LoadCTd
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Numbers of the SuPreM inference recipe.
+
+    spacing: output voxel size in mm; a_min/a_max: HU window mapped to 0..1; roi: sliding window
+    size in voxels; overlap: sliding-window overlap fraction; sw_batch_size: windows per forward
+    pass; amp: "none", "fp16" or "bf16" autocast for the forward pass; threshold: sigmoid cut-off.
+    """
+
+    spacing: Tuple[float, float, float] = (1.5, 1.5, 1.5)
+    a_min: float = -175.0
+    a_max: float = 250.0
+    roi: Tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.75
+    sw_batch_size: int = 1
+    amp: str = "none"
+    blend: str = "gaussian"
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.amp not in ("none", "fp16", "bf16"):
+            raise ValueError(f"amp must be one of none, fp16, bf16; got {self.amp!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1); got {self.overlap}")
+        if self.sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1; got {self.sw_batch_size}")
+
+    def with_overrides(self, **kw) -> "Recipe":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+    def preprocessing_key(self) -> Dict:
+        """The numbers that change the pre-processed image (for cache invalidation)."""
+        return {"spacing": list(self.spacing), "a_min": self.a_min, "a_max": self.a_max}
+
+
+# "recipe" is SuPreM's own setting; "fast" trades a little blending for speed on a GPU.
+PRESETS: Dict[str, Recipe] = {
+    "recipe": Recipe(),
+    "fast": Recipe(overlap=0.5, sw_batch_size=4, amp="bf16"),
+}
+
+
+def inference_pre_transforms(recipe: Recipe, keys: str = "image") -> List:
+    """Load an image file (NIfTI, NRRD, DICOM folder) and bring it onto the working grid.
+
+    The output is a (1, X, Y, Z) float MetaTensor in 0..1 whose meta keeps ``original_affine`` and
+    ``spatial_shape`` of the input, which ``ResampleToInputd`` uses to go back to the input grid.
+    """
+    return [
+        LoadCTd(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        CheckCTd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=recipe.spacing, mode="bilinear"),
+        ScaleIntensityRanged(keys=keys, a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=keys, source_key=keys, allow_smaller=True),
+        EnsureTyped(keys=keys, dtype="float32"),
+    ]
+
+
+def training_transforms(
+    recipe: Recipe,
+    class_indices,
+    roi,
+    num_samples: int = 2,
+    label_map=None,
+    augment: bool = True,
+) -> List:
+    """Training pre-processing: the inference recipe on image and label, then the SuPreM crops/augments.
+
+    ``label_map``: optional {source id: SuPreM index} for labels with other ids (e.g. TotalSegmentator).
+    Crops: ``num_samples`` random ``roi`` crops, foreground:background 2:1. Output label: one binary
+    channel per class in ``class_indices``.
+    """
+    from monai.transforms import (
+        MapLabelValued,
+        RandCropByPosNegLabeld,
+        RandRotate90d,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
+
+    from .labels import LabelToChannelsd
+
+    keys = ("image", "label")
+    t = [
+        LoadImaged(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+    ]
+    if label_map:
+        src = sorted(label_map)
+        t.append(MapLabelValued(keys="label", orig_labels=src, target_labels=[label_map[s] for s in src]))
+    t += [
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=recipe.spacing, mode=("bilinear", "nearest")),
+        ScaleIntensityRanged(keys="image", a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+        SpatialPadd(keys=keys, spatial_size=roi),
+    ]
+    if augment:
+        t += [
+            RandCropByPosNegLabeld(
+                keys=keys, label_key="label", spatial_size=roi, pos=2, neg=1, num_samples=num_samples, image_key="image"
+            ),
+            RandRotate90d(keys=keys, prob=0.1, max_k=3),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.2),
+        ]
+    t += [LabelToChannelsd(keys="label", class_indices=class_indices), EnsureTyped(keys=keys, dtype="float32")]
+    return t
