@@ -123,3 +123,53 @@ def copy_into(src: str, dst_dir: str, name: Optional[str] = None) -> str:
     return dst
 
 
+
+
+class FileServer:
+    """A tiny HTTP server on 127.0.0.1 standing in for the model hub.
+
+    ``routes[path] = (body, announced_length)``; an announced length larger than the body makes a
+    truncated download; unknown paths answer 404.
+    """
+
+    def __init__(self, routes: Dict[str, tuple]):
+        import http.server
+        import threading
+
+        self.routes = routes
+        self.hits: list = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                outer.hits.append(self.path)
+                if self.path not in outer.routes:
+                    self.send_error(404, "not found")
+                    return
+                body, length = outer.routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(length if length is not None else len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def hub_path(filename: str) -> str:
+    from lib.weights.registry import HF_REPO
+
+    return f"/{HF_REPO}/resolve/main/{filename}"
