@@ -81,7 +81,8 @@ class SuPreMTrainer(BasicTrainTask):
             "lr": lr,
             "roi": ",".join(str(r) for r in self.roi),
             "multi_gpu": torch.cuda.device_count() > 1,
-            "dataset": "Dataset",
+            # Caches the deterministic part (load, resample, window) so epochs do not redo it.
+            "dataset": "CacheDataset",
             "dataloader": "DataLoader",
             "tracking": "None",
         }
@@ -217,6 +218,7 @@ class SuPreMTrainer(BasicTrainTask):
         net.load_state_dict(state, strict=True)
         dest = self.publish_to
         base = self.registry.current_path(self.backbone)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         save_checkpoint(net, dest)
         write_json_atomic(
             dest + ".json",

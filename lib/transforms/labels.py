@@ -17,8 +17,11 @@ def organ_masks(probs: torch.Tensor, threshold: float = 0.5, largest_component: 
     """
     masks = probs >= threshold
     if largest_component and masks.any():
-        keep = KeepLargestConnectedComponent(is_onehot=True, independent=True, connectivity=3)
-        # MONAI's transform wants a channel-first one-hot image; it keeps one component per channel.
+        # Every channel is an organ (no background channel), so name them all: by default MONAI's
+        # one-hot mode leaves channel 0 alone as if it were background.
+        keep = KeepLargestConnectedComponent(
+            applied_labels=list(range(masks.shape[0])), is_onehot=True, independent=True, connectivity=3
+        )
         masks = torch.as_tensor(keep(masks.float())).bool()
     return masks.to(probs.device)
 

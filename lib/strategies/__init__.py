@@ -1,0 +1,1 @@
+"""Active-learning strategies (importance scores). Submodules are imported on demand."""
