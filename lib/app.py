@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
+
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
 from lib.classes import label_dict
 from lib.config import AppConfig, conf_summary, parse_conf
+from lib.infers.attention import AttentionInfer
 from lib.infers.predictor import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
 from lib.networks import build_network, load_checkpoint
+from lib.scoring.importance import ImportanceScoring
+from lib.scoring.volume import VolumeScorer
+from lib.strategies.importance import ImportanceStrategy
 from lib.weights import WeightsRegistry
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,7 @@ class Tasks:
     trainers: Dict = field(default_factory=dict)
     strategies: Dict = field(default_factory=dict)
     scoring: Dict = field(default_factory=dict)
+    scorer: Optional[VolumeScorer] = None
 
     @property
     def label_dict(self) -> Dict[str, int]:
@@ -60,6 +68,24 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
     tasks.infers["ensemble"] = SuPreMSegmentation(
         cfg.models, registry, cfg.labels, cfg.recipe, cache, description="Mean probability of the loaded SuPreM backbones"
     )
+    scorer = VolumeScorer(
+        cfg.models,
+        registry,
+        cfg.labels,
+        cfg.recipe,
+        cache,
+        device=cfg.device,
+        entropy=cfg.entropy,
+        normalise_score=cfg.normalise_score,
+    )
+    tasks.scorer = scorer
+    tasks.infers["attention"] = AttentionInfer(scorer)
+    if not cfg.skip_scoring:
+        tasks.scoring["importance"] = ImportanceScoring(scorer)
+    if not cfg.skip_strategies:
+        tasks.strategies.update(
+            {"importance": ImportanceStrategy(hold_s=cfg.hold_s), "random": Random(), "first": First()}
+        )
     for b in cfg.models:
         logger.info(f"Model {b}: {registry.info(b)}")
     return tasks

@@ -54,6 +54,9 @@ class AppConfig:
     skip_scoring: bool
     skip_strategies: bool
     skip_trainers: bool
+    entropy: str
+    normalise_score: bool
+    hold_s: float
 
 
 def parse_conf(conf: Mapping[str, str]) -> AppConfig:
@@ -83,6 +86,9 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         if isinstance(e, ConfError):
             raise
         raise ConfError(f"--conf overlap/sw_batch_size/amp: {e}") from None
+    entropy = str(conf.get("entropy", "positive"))
+    if entropy not in ("positive", "binary"):
+        raise ConfError(f"--conf entropy {entropy!r}: choose one of positive, binary")
     return AppConfig(
         models=models,
         labels_name=labels_name,
@@ -97,6 +103,9 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         skip_scoring=_bool(conf, "skip_scoring", False),
         skip_strategies=_bool(conf, "skip_strategies", False),
         skip_trainers=_bool(conf, "skip_trainers", False),
+        entropy=entropy,
+        normalise_score=_bool(conf, "normalise_score", False),
+        hold_s=_number(conf, "hold_s", float, 1800.0),
     )
 
 

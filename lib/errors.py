@@ -28,6 +28,22 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+def describe_error(exc: BaseException) -> str:
+    """The most telling message in an exception chain: an input problem first, else the root cause.
+
+    MONAI's Compose wraps every failure in "applying transform ..."; the cause underneath is what a
+    user needs to read.
+    """
+    chain = list(_chain(exc))
+    for e in chain:
+        if isinstance(e, (InputError, CheckpointError)):
+            return str(e)
+    for e in reversed(chain):
+        if str(e):
+            return f"{type(e).__name__}: {e}"
+    return type(exc).__name__
+
+
 def http_error(exc: BaseException, what: str) -> HTTPException:
     """Status and message for ``exc`` raised while doing ``what`` (e.g. "infer segresnet on 'ct1'")."""
     if isinstance(exc, HTTPException):

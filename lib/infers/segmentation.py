@@ -18,7 +18,32 @@ from lib.weights import WeightsRegistry
 logger = logging.getLogger(__name__)
 
 
-class SuPreMSegmentation(BasicInferTask):
+class RecipeInferTask(BasicInferTask):
+    """An infer task on the SuPreM recipe's working grid whose label map goes back to the input grid."""
+
+    recipe: Recipe
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return inference_pre_transforms(self.recipe)
+
+    def run_pre_transforms(self, data, transforms):
+        # MONAI's Spacingd updates every "image_*" key as a meta dict; "image_path" is a string.
+        path = data.pop("image_path", None)
+        data = super().run_pre_transforms(data, transforms)
+        if path is not None:
+            data["image_path"] = path
+        return data
+
+    def inverse_transforms(self, data=None):
+        return None  # ResampleToInputd undoes the geometry in one step
+
+    def writer(self, data: Dict[str, Any], extension=None, dtype=None):
+        ext = data.get("result_extension") or ".nii.gz"
+        out, result = super().writer(data, extension=ext, dtype="uint8")
+        return out, dict(result or {})
+
+
+class SuPreMSegmentation(RecipeInferTask):
     """Segment the app's organs with one backbone, or average the sigmoid probabilities of several.
 
     The label map comes back on the input's own grid, valued by SuPreM class index (0 = background).
@@ -75,20 +100,6 @@ class SuPreMSegmentation(BasicInferTask):
             kw["amp"] = str(data["amp"])
         return self.recipe.with_overrides(**kw)
 
-    def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return inference_pre_transforms(self.recipe)
-
-    def run_pre_transforms(self, data, transforms):
-        # MONAI's Spacingd updates every "image_*" key as a meta dict; "image_path" is a string.
-        path = data.pop("image_path", None)
-        data = super().run_pre_transforms(data, transforms)
-        if path is not None:
-            data["image_path"] = path
-        return data
-
-    def inverse_transforms(self, data=None):
-        return None  # ResampleToInputd undoes the geometry in one step
-
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return [
             ProbsToLabeld(keys="pred", class_indices=[CLASS_INDEX[n] for n in self.label_names]),
@@ -100,9 +111,7 @@ class SuPreMSegmentation(BasicInferTask):
         return data
 
     def writer(self, data: Dict[str, Any], extension=None, dtype=None):
-        ext = data.get("result_extension") or ".nii.gz"
-        out, result = super().writer(data, extension=ext, dtype="uint8")
-        result = dict(result or {})
+        out, result = super().writer(data, extension, dtype)
         result["models"] = {b: self.registry.info(b) for b in data.get("backbones_used", [])}
         return out, result
 

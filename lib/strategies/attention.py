@@ -53,6 +53,7 @@ arithmetic done on it. Results do not depend on the chunk size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -346,6 +347,102 @@ def inconsistency(probs: torch.Tensor, model_masks: Optional[torch.Tensor] = Non
     return _inconsistency_into(p, near, torch.empty_like(p), f[0], f[1], f[2], torch.empty_like(near[0]))
 
 
+def _entropy_floor(entropy: str, threshold: float) -> float:
+    """A probability ``p_lo`` such that any p <= p_lo has entropy term < threshold / 2 (so a voxel
+    whose models all give p <= p_lo cannot have U > threshold, whatever the rounding)."""
+    def term(p: float) -> float:
+        h = -p * math.log(p)
+        return h - (1 - p) * math.log1p(-p) if entropy == "binary" else h
+
+    lo, hi = 1e-300, 0.3  # the term rises on (0, 0.3]
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if term(mid) < threshold / 2 else (lo, mid)
+    return lo
+
+
+def _active_box(p_b, mask8_b, mm8_b, p_lo, scratch):
+    """Bounding box (tuple of 3 slices, grown by 1 voxel, clipped) of the voxels where organ b can
+    have attention: some model's p > p_lo (else U <= threshold / 2), its ensemble mask (O_b), and its
+    model masks (C is 0 beyond one voxel of them). ``None`` if there are none.
+
+    U_b, C_b and the heat are 0 outside this box, and computing them on the box alone is exact:
+    U and C are voxel-wise; each model mask's 1-voxel dilation stays inside the grown box; and an
+    opening of a set inside the box never reaches outside it, while treating "outside the box" as
+    background (as the erosion does at the volume border) changes nothing, since the set is empty
+    there anyway. Works on projections (max over the models, then over axes), not voxel masks.
+    """
+    pmax = p_b[0] if p_b.shape[0] == 1 else torch.maximum(p_b[0], p_b[1], out=scratch)
+    for m in range(2, p_b.shape[0]):
+        pmax = torch.maximum(pmax, p_b[m], out=scratch)
+    w = pmax.shape[-1]
+    proj_dh = pmax.amax(dim=-1) > p_lo  # (D, H)
+    proj_w = pmax.reshape(-1, w).amax(dim=0) > p_lo  # (W,)
+    masks = [mask8_b] + ([] if mm8_b is None else [mm8_b[m] for m in range(mm8_b.shape[0])])
+    for mk in masks:
+        proj_dh |= mk.amax(dim=-1).bool()
+        proj_w |= mk.reshape(-1, w).amax(dim=0).bool()
+    spans = []
+    for proj in (proj_dh.any(dim=1), proj_dh.any(dim=0), proj_w):
+        idx = torch.nonzero(proj).flatten()
+        if idx.numel() == 0:
+            return None
+        lo, hi = int(idx[0]) - 1, int(idx[-1]) + 2
+        spans.append(slice(max(lo, 0), min(hi, proj.numel())))
+    return tuple(spans)
+
+
+class _Buffers:
+    """Named flat work buffers, reused across chunks/organs; ``get`` returns a contiguous view."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.store: Dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.store.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self.store[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
+
+
+def _organ_maps_(p, mm8, ob, entropy, ub, cb, h, buf: _Buffers) -> None:
+    """U_b, C_b and the un-normalised heat ``(U * U_b + C * C_b) + O_b`` of k organs.
+
+    ``p``: ``(M, k, ...)`` float; ``mm8``: ``(M, k, ...)`` 0/1 uint8 model masks, or None for
+    ``p >= 0.5``; ``ob``: ``(k, ...)`` 0/1 uint8 O_b; outputs ``ub``, ``cb`` (0/1 uint8) and ``h``
+    (float): contiguous ``(k, ...)`` tensors.
+    """
+    n_models = p.shape[0]
+    shape, dtype = tuple(ub.shape), h.dtype
+    u, t = buf.get("u", shape, dtype), buf.get("t", shape, dtype)
+    s1, s2 = buf.get("s1", shape, dtype), buf.get("s2", shape, dtype)
+    w = buf.get("w", shape, torch.uint8)
+
+    _uncertainty_into(p, entropy, u, t, s1, s2)
+    torch.gt(u, U_THRESHOLD, out=ub.view(torch.bool))
+    _opening_(ub, w)
+    h.copy_(ub).mul_(u)  # U * U_b
+
+    if n_models > 1:
+        near = buf.get("near", (n_models,) + shape, torch.uint8)
+        kept = buf.get("kept", (n_models,) + shape, dtype)
+        if mm8 is None:
+            torch.ge(p, 0.5, out=near.view(torch.bool))
+        else:
+            near.copy_(mm8)
+        c = _inconsistency_into(p, near, kept, s1, s2, t, w, floor_tiny=True)
+        torch.gt(c, C_THRESHOLD, out=cb.view(torch.bool))
+        _opening_(cb, w)
+        h.addcmul_(c, t.copy_(cb))  # + C * C_b (exact: C_b is 0 or 1, so there is one rounding)
+    else:
+        cb.zero_()
+    h.add_(t.copy_(ob))  # + O_b
+
+
 def compute_attention(
     probs: torch.Tensor,
     masks: torch.Tensor,
@@ -355,6 +452,7 @@ def compute_attention(
     entropy: str = "positive",
     normalise_score: bool = False,
     overlap_organs: Sequence[str] = OVERLAP_ORGANS,
+    crop: Optional[bool] = None,
     organ_chunk: Optional[int] = None,
 ) -> AttentionResult:
     """Attention maps, heat, score and organ priority of one volume.
@@ -369,8 +467,11 @@ def compute_attention(
         normalise_score: the size-normalised score (see the module docstring).
         overlap_organs: names that count as "other organs" for the overlap (default: the 20
             non-vessel organs of ``lib.classes.OVERLAP_ORGANS``).
-        organ_chunk: organs per processing chunk. Default: as many as fit 2^30 organ-voxels on CUDA
-            (all 25 at 256x256x400), 2^26 on the CPU. Results do not depend on it.
+        crop: work organ by organ on the box where the organ can have attention (see
+            ``_active_box``; exact). Default: on the CPU yes; on CUDA no (all organs batched, no
+            host/device synchronisation until the end).
+        organ_chunk: without cropping, organs per batch. Default: as many as fit 2^30 organ-voxels
+            on CUDA (all 25 at 256x256x400), 2^26 on the CPU. Results do not depend on it.
     """
     if probs.ndim != 5:
         raise ValueError(f"probs must be (M, C, D, H, W), got shape {tuple(probs.shape)}")
@@ -393,22 +494,18 @@ def compute_attention(
     device = probs.device
     dtype = probs.dtype if probs.dtype in (torch.float32, torch.float64) else torch.float32
     masks8 = masks.to(device=device, dtype=torch.bool).view(torch.uint8)
-    if model_masks is not None:
-        model_masks = model_masks.to(device=device, dtype=torch.bool).view(torch.uint8)
+    mm8 = None if model_masks is None else model_masks.to(device=device, dtype=torch.bool).view(torch.uint8)
+    if crop is None:
+        crop = device.type != "cuda"
     n_vox = 1
     for s in vol:
         n_vox *= s
-    if organ_chunk is None:
-        budget = _CUDA_CHUNK_VOXELS if device.type == "cuda" else _CPU_CHUNK_VOXELS
-        organ_chunk = budget // max(n_vox, 1)
-    k_max = max(1, min(int(organ_chunk), n_organs))
 
-    # Outputs (0/1 uint8, handed out as bool views).
-    out_u = torch.empty((n_organs,) + vol, dtype=torch.uint8, device=device)
+    out_u = torch.empty((n_organs,) + vol, dtype=torch.uint8, device=device)  # 0/1, handed out as bool
     out_c, out_o, out_a = torch.empty_like(out_u), torch.empty_like(out_u), torch.empty_like(out_u)
     heat = torch.empty((n_organs,) + vol, dtype=dtype, device=device)
-    region_voxels = torch.zeros(n_organs, dtype=torch.int64, device=device)
-    chunk_max = []
+    buf = _Buffers(device)
+    step_max = []
 
     # Overlap: how many overlap organs claim each voxel. Organ b has "another" organ there when the
     # count exceeds b's own part in it (1 if b is an overlap organ, else 0; O_b is then ANDed with b's
@@ -419,68 +516,72 @@ def compute_attention(
     for i, name in enumerate(names):
         if name in ov:
             claims.add_(masks8[i])
+    torch.gt(claims, is_ov, out=out_o.view(torch.bool))
+    out_o.bitwise_and_(masks8)
+    del claims
 
-    # Work buffers, reused by every chunk.
-    f_u = torch.empty((k_max,) + vol, dtype=dtype, device=device)  # U
-    f_t = torch.empty_like(f_u)  # temporary
-    f_c = torch.empty_like(f_u)  # scratch, then C (std)
-    f_m = torch.empty_like(f_u)  # scratch, then the mean over models
-    w8 = torch.empty((k_max,) + vol, dtype=torch.uint8, device=device)
-    if n_models > 1:
-        near8 = torch.empty((n_models, k_max) + vol, dtype=torch.uint8, device=device)
-        kept = torch.empty((n_models, k_max) + vol, dtype=dtype, device=device)
-
-    for c0 in range(0, n_organs, k_max):
-        c1 = min(c0 + k_max, n_organs)
-        k = c1 - c0
-        p = probs[:, c0:c1].to(dtype)
-        u, t, w = f_u[:k], f_t[:k], w8[:k]
-        ub, cb, ob, ab, h = out_u[c0:c1], out_c[c0:c1], out_o[c0:c1], out_a[c0:c1], heat[c0:c1]
-
-        # Uncertainty and U_b.
-        _uncertainty_into(p, entropy, u, t, f_c[:k], f_m[:k])
-        torch.gt(u, U_THRESHOLD, out=ub.view(torch.bool))
-        _opening_(ub, w)
-
-        # Inconsistency and C_b.
-        if n_models > 1:
-            near = near8[:, :k]
-            if model_masks is None:
-                torch.ge(p, 0.5, out=near.view(torch.bool))
+    if crop:
+        out_u.zero_()
+        out_c.zero_()
+        heat.zero_()
+        p_lo = _entropy_floor(entropy, U_THRESHOLD)
+        scratch = torch.empty(vol, dtype=probs.dtype, device=device)
+        boxes = [
+            _active_box(probs[:, b], masks8[b], None if mm8 is None else mm8[:, b], p_lo, scratch)
+            for b in range(n_organs)
+        ]
+        del scratch
+        for b, box in enumerate(boxes):
+            if box is None:
+                continue  # nothing there: U_b, C_b, O_b and the heat are all 0
+            sel = (slice(None), slice(b, b + 1)) + box
+            shape = (1,) + tuple(s.stop - s.start for s in box)
+            whole = shape[1:] == vol  # the box is the volume: write the outputs in place
+            if whole:
+                ub, cb, h = out_u[b : b + 1], out_c[b : b + 1], heat[b : b + 1]
             else:
-                near.copy_(model_masks[:, c0:c1])
-            c = _inconsistency_into(p, near, kept[:, :k], f_c[:k], f_m[:k], t, w, floor_tiny=True)
-            torch.gt(c, C_THRESHOLD, out=cb.view(torch.bool))
-            _opening_(cb, w)
-        else:
-            c = None
-            cb.zero_()
+                ub, cb = buf.get("ub", shape, torch.uint8), buf.get("cb", shape, torch.uint8)
+                h = buf.get("h", shape, dtype)
+            _organ_maps_(
+                probs[sel].to(dtype), None if mm8 is None else mm8[sel], out_o[sel[1:]], entropy, ub, cb, h, buf
+            )
+            if not whole:
+                out_u[sel[1:]].copy_(ub)
+                out_c[sel[1:]].copy_(cb)
+                heat[sel[1:]].copy_(h)
+            step_max.append(h.amax())
+    else:
+        if organ_chunk is None:
+            budget = _CUDA_CHUNK_VOXELS if device.type == "cuda" else _CPU_CHUNK_VOXELS
+            organ_chunk = budget // max(n_vox, 1)
+        k_max = max(1, min(int(organ_chunk), n_organs))
+        for c0 in range(0, n_organs, k_max):
+            c1 = min(c0 + k_max, n_organs)
+            _organ_maps_(
+                probs[:, c0:c1].to(dtype),
+                None if mm8 is None else mm8[:, c0:c1],
+                out_o[c0:c1],
+                entropy,
+                out_u[c0:c1],
+                out_c[c0:c1],
+                heat[c0:c1],
+                buf,
+            )
+            if n_vox:
+                step_max.append(heat[c0:c1].amax())
+    del buf
 
-        # Overlap with any other overlap organ, and the attention.
-        torch.gt(claims, is_ov[c0:c1], out=ob.view(torch.bool))
-        ob.bitwise_and_(masks8[c0:c1])
-        torch.bitwise_or(ub, cb, out=ab).bitwise_or_(ob)
+    torch.bitwise_or(out_u, out_c, out=out_a).bitwise_or_(out_o)
+    if step_max:
+        top = torch.stack(step_max).amax()
+        heat.div_(torch.where(top > 0, top, torch.ones_like(top)))
 
-        # Heat before normalisation: (U * U_b + C * C_b) + O_b.
-        h.copy_(ub).mul_(u)
-        if c is not None:
-            t.copy_(cb).mul_(c)
-            h.add_(t)
-        h.add_(t.copy_(ob))
-        chunk_max.append(h.amax() if h.numel() else torch.zeros((), dtype=dtype, device=device))
-
-        if normalise_score:
-            region_voxels[c0:c1] = _count_true(torch.bitwise_or(ab, masks8[c0:c1], out=w))
-
-    del f_u, f_t, f_c, f_m, w8
-    if n_models > 1:
-        del near8, kept
-    top = torch.stack(chunk_max).amax()
-    heat.div_(torch.where(top > 0, top, torch.ones_like(top)))
-
-    summary = torch.stack(
-        [_count_true(out_a).to(torch.float64), _sum_float64(heat), region_voxels.to(torch.float64)]
-    ).cpu()  # the one host/device synchronisation
+    region = torch.zeros(n_organs, dtype=torch.int64, device=device)
+    if normalise_score:
+        for c0 in range(n_organs):  # |A_b OR mask_b|, one organ at a time (small temporaries)
+            region[c0 : c0 + 1] = _count_true(torch.bitwise_or(out_a[c0 : c0 + 1], masks8[c0 : c0 + 1]))
+    summary = torch.stack([_count_true(out_a).to(torch.float64), _sum_float64(heat), region.to(torch.float64)])
+    summary = summary.cpu()  # the one host/device synchronisation (with the crop boxes on the CPU)
     vox_list = [int(v) for v in summary[0].tolist()]
     sum_list = summary[1].tolist()
     region_list = [int(v) for v in summary[2].tolist()]

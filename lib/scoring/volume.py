@@ -1,0 +1,105 @@
+"""Score one volume: every loaded backbone's probabilities -> attention maps -> score and organ priority.
+
+The same code serves the server's scoring method, the attention infer task and the offline ranking.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from monai.transforms import Compose
+
+from lib.classes import CLASS_INDEX
+from lib.infers.predictor import NetworkCache, sliding_window_probs
+from lib.strategies.attention import AttentionResult, compute_attention
+from lib.transforms.labels import organ_masks
+from lib.transforms.recipe import Recipe, inference_pre_transforms
+from lib.weights.registry import WeightsRegistry, file_version
+
+logger = logging.getLogger(__name__)
+
+
+class VolumeScorer:
+    """Runs the loaded backbones on a volume and computes its AbdomenAtlas-8K attention.
+
+    backbones: the backbones to use (those with weights are used); labels: the organ names scored;
+    entropy / normalise_score: the options of ``compute_attention`` (defaults = the reference).
+    """
+
+    def __init__(
+        self,
+        backbones: Sequence[str],
+        registry: WeightsRegistry,
+        labels: Sequence[str],
+        recipe: Recipe,
+        cache: Optional[NetworkCache] = None,
+        device: Optional[str] = None,
+        entropy: str = "positive",
+        normalise_score: bool = False,
+    ):
+        self.backbones = list(backbones)
+        self.registry = registry
+        self.labels = list(labels)
+        self.channels = [CLASS_INDEX[n] - 1 for n in self.labels]
+        self.recipe = recipe
+        self.cache = cache or NetworkCache()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.entropy = entropy
+        self.normalise_score = normalise_score
+        self._pre = Compose(inference_pre_transforms(recipe))
+
+    def active(self) -> List[str]:
+        return [b for b in self.backbones if self.registry.available(b)]
+
+    def versions(self) -> Dict[str, str]:
+        """``{backbone: version}`` of the model files in use now: a score made with others is stale."""
+        return {b: file_version(self.registry.current_path(b)) for b in self.active()}
+
+    def preprocess(self, path: str):
+        return self._pre({"image": path})["image"]
+
+    def probabilities(self, image) -> torch.Tensor:
+        """(M, C, X, Y, Z) sigmoid probabilities of the active backbones on the working grid."""
+        active = self.active()
+        if not active:
+            raise RuntimeError(f"no weights loaded for {', '.join(self.backbones)}")
+        out = []
+        for b in active:
+            net = self.cache.get(b, self.registry.current_path(b), self.device)
+            out.append(sliding_window_probs(net, image, self.recipe, self.device, self.channels))
+        return torch.stack(out)
+
+    def attention(self, image) -> AttentionResult:
+        probs = self.probabilities(image)
+        masks = organ_masks(probs.mean(0), self.recipe.threshold)
+        return compute_attention(
+            probs, masks, self.labels, entropy=self.entropy, normalise_score=self.normalise_score
+        )
+
+    def score_file(self, path: str) -> Tuple[Dict, AttentionResult]:
+        """Score one image file; returns the record stored per image, and the full result."""
+        start = time.time()
+        versions = self.versions()
+        image = self.preprocess(path)
+        result = self.attention(image)
+        return self.record(result, versions, time.time() - start), result
+
+    def record(self, result: AttentionResult, versions: Dict[str, str], seconds: float) -> Dict:
+        voxel_ml = math.prod(self.recipe.spacing) / 1000.0
+        return {
+            "score": float(result.score) if result.normalised else int(result.score),
+            # Organs to revise, most important first (those without any attention left out).
+            "organs": [o for o in result.priority if result.heat_sums.get(o, 0) > 0],
+            "priority": list(result.priority),
+            "attention_ml": {o: round(v * voxel_ml, 3) for o, v in result.attention_voxels.items() if v},
+            "heat": {o: round(float(h), 3) for o, h in result.heat_sums.items() if h},
+            "models": versions,
+            "entropy": result.entropy,
+            "normalised": result.normalised,
+            "seconds": round(seconds, 2),
+            "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
