@@ -80,7 +80,10 @@ class Server:
         )
         e.update(env or {})
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=e, cwd=workdir)
+        # A session of its own, so kill() takes the server and every child (background train/scoring) down.
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=e, cwd=workdir, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 240.0) -> "Server":
         deadline = time.time() + timeout
@@ -105,9 +108,22 @@ class Server:
         with open(self.log_path, errors="replace") as f:
             return "".join(f.readlines()[-n:])
 
+    def kill(self):
+        """SIGKILL the server and its children, as a crash or an OOM killer would."""
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                os.killpg(self.proc.pid, 15)  # children too (background train/scoring processes)
+            except ProcessLookupError:
+                pass
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -19,9 +19,17 @@ logger = logging.getLogger(__name__)
 INFO_KEY = "importance"
 
 
-def is_current(record: Dict, versions: Dict[str, str]) -> bool:
-    """A stored record was made by exactly the model files in use now."""
-    return bool(record) and record.get("models") == versions
+def file_stamp(path: str) -> Dict:
+    try:
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError:
+        return {}
+
+
+def is_current(record: Dict, versions: Dict[str, str], stamp: Dict) -> bool:
+    """A stored record (score or error) was made by the model files in use now, on this very file."""
+    return bool(record) and record.get("models") == versions and record.get("file") == stamp
 
 
 class ImportanceScoring(ScoringMethod):
@@ -60,10 +68,11 @@ class ImportanceScoring(ScoringMethod):
         start = time.time()
         for i, image_id in enumerate(todo, 1):
             info = datastore.get_image_info(image_id)
-            if not force and is_current(info.get(INFO_KEY, {}), versions):
+            path = datastore.get_image_uri(image_id)
+            stamp = file_stamp(path)
+            if not force and is_current(info.get(INFO_KEY, {}), versions, stamp):
                 skipped += 1
                 continue
-            path = datastore.get_image_uri(image_id)
             t0 = time.time()
             try:
                 record, _ = self.scorer.score_file(path)
@@ -72,6 +81,7 @@ class ImportanceScoring(ScoringMethod):
                 record = {"error": describe_error(e)[:500], "models": versions}
                 failed += 1
                 logger.error(f"importance {i}/{n} {image_id}: {record['error']}")
+            record["file"] = stamp
             datastore.update_image_info(image_id, {INFO_KEY: record})
             if "error" not in record:
                 logger.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -13,6 +13,20 @@ from monailabel.interfaces.tasks.strategy import Strategy
 logger = logging.getLogger(__name__)
 
 INFO_KEY = "importance"
+
+
+def ranking(datastore: Datastore, exclude=()) -> Tuple[List[Tuple[str, Dict]], List[Tuple[str, Dict]]]:
+    """Images without a final label: (scored, by descending score then id), (unscored or failed, by id)."""
+    scored, unscored = [], []
+    for image_id in datastore.get_unlabeled_images():
+        if image_id in exclude:
+            continue
+        rec = datastore.get_image_info(image_id).get(INFO_KEY) or {}
+        if "score" in rec and "error" not in rec:
+            scored.append((-float(rec["score"]), image_id, rec))
+        else:
+            unscored.append((image_id, rec))
+    return [(i, r) for _, i, r in sorted(scored, key=lambda t: t[:2])], sorted(unscored, key=lambda t: t[0])
 
 
 class ImportanceStrategy(Strategy):
@@ -34,21 +48,10 @@ class ImportanceStrategy(Strategy):
         with self._lock:
             now = time.time()
             self._handed = {k: v for k, v in self._handed.items() if now - v[1] < self.hold_s}
-            scored, unscored = [], []
-            for image_id in datastore.get_unlabeled_images():
-                if image_id in self._handed:
-                    continue
-                rec = datastore.get_image_info(image_id).get(INFO_KEY) or {}
-                if "score" in rec and "error" not in rec:
-                    scored.append((-float(rec["score"]), image_id, rec))
-                else:
-                    unscored.append((image_id, rec))
-            if scored:
-                _, image_id, rec = min(scored)
-            elif unscored:
-                image_id, rec = min(unscored, key=lambda t: t[0])
-            else:
+            scored, unscored = ranking(datastore, exclude=self._handed)
+            if not scored and not unscored:
                 return {}
+            image_id, rec = (scored or unscored)[0]
             self._handed[image_id] = (client, now)
         out = {"id": image_id, "scored": "score" in rec and "error" not in rec}
         if out["scored"]:
