@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
@@ -16,6 +16,9 @@ from lib.infers.attention import AttentionInfer
 from lib.infers.predictor import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
 from lib.networks import build_network, load_checkpoint
+from lib.rounds.manager import RoundManager
+from lib.trainers.round import RoundTrainTask, run_round
+from lib.trainers.segmentation import SuPreMTrainer
 from lib.scoring.importance import ImportanceScoring
 from lib.scoring.volume import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
@@ -39,13 +42,38 @@ class Tasks:
     strategies: Dict = field(default_factory=dict)
     scoring: Dict = field(default_factory=dict)
     scorer: Optional[VolumeScorer] = None
+    state_dir: str = ""
+    rounds: Optional[RoundManager] = None
+
+    def start_rounds(self, datastore: Callable[[], Any]) -> RoundManager:
+        """Create the round manager (log in the state folder) and the ``round`` train task."""
+        backbone_trainers = {b: t for b, t in self.trainers.items() if b in self.cfg.models}
+
+        def one_round(entry):
+            return run_round(
+                entry, backbone_trainers, self.scoring.get("importance"), datastore(), self.cfg.labels
+            )
+
+        self.rounds = RoundManager(
+            os.path.join(self.state_dir, "rounds"),
+            one_round,
+            every_labels=self.cfg.round_every_labels,
+            interval_s=self.cfg.round_interval_s,
+            list_labels=lambda: datastore().get_labeled_images(),
+        )
+        if backbone_trainers:
+            self.trainers["round"] = RoundTrainTask(self.rounds.trigger, self.rounds.info)
+        return self.rounds
 
     @property
     def label_dict(self) -> Dict[str, int]:
         return label_dict(self.cfg.labels)
 
     def info(self) -> Dict:
-        return {"suprem": {"conf": conf_summary(self.cfg), "weights": self.registry.summary()}}
+        info = {"conf": conf_summary(self.cfg), "weights": self.registry.summary()}
+        if self.rounds is not None:
+            info["rounds"] = self.rounds.info()
+        return {"suprem": info}
 
 
 def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
@@ -80,6 +108,25 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
     )
     tasks.scorer = scorer
     tasks.infers["attention"] = AttentionInfer(scorer)
+    state_dir = cfg.state_dir or (
+        os.path.join(model_dir, "state") if studies.startswith(("http://", "https://")) else os.path.join(studies, ".suprem")
+    )
+    tasks.state_dir = state_dir
+    if not cfg.skip_trainers:
+        for b in cfg.models:
+            tasks.trainers[b] = SuPreMTrainer(
+                b,
+                registry,
+                cfg.labels,
+                cfg.recipe,
+                model_dir=model_dir,
+                split_file=os.path.join(state_dir, "split.json"),
+                roi=(cfg.train_roi,) * 3,
+                max_epochs=cfg.train_epochs,
+                num_samples=cfg.train_num_samples,
+                val_fraction=cfg.val_fraction,
+                label_map=cfg.train_label_map,
+            )
     if not cfg.skip_scoring:
         tasks.scoring["importance"] = ImportanceScoring(scorer)
     if not cfg.skip_strategies:
@@ -89,3 +136,18 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
     for b in cfg.models:
         logger.info(f"Model {b}: {registry.info(b)}")
     return tasks
+
+
+def checked_local_datastore(studies: str, allowed_labels) -> "CheckedLocalDatastore":
+    """MONAI Label's local datastore, with MONAI Label's settings, that checks labels before saving."""
+    from monailabel.config import settings
+
+    from lib.datastore import CheckedLocalDatastore
+
+    return CheckedLocalDatastore(
+        studies,
+        extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+        auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+        read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        allowed_labels=allowed_labels,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional
 
-from lib.classes import DEFAULT_LABEL_SET, LABEL_SETS, label_set
+from lib.classes import CLASS_INDEX, DEFAULT_LABEL_SET, LABEL_MAPS, LABEL_SETS, label_set
 from lib.networks import BACKBONES
 from lib.transforms.recipe import PRESETS, Recipe
 
@@ -57,6 +57,29 @@ class AppConfig:
     entropy: str
     normalise_score: bool
     hold_s: float
+    state_dir: Optional[str]
+    train_roi: int
+    train_epochs: int
+    train_num_samples: int
+    train_label_map: Optional[Dict[int, int]]
+    val_fraction: float
+    round_every_labels: int
+    round_interval_s: float
+
+
+def _label_map(value: Optional[str]) -> Optional[Dict[int, int]]:
+    """``--conf train_label_map totalseg|atlas11|suprem`` or ``"src:dst,src:dst"`` -> {source id: SuPreM index}."""
+    if not value or value == "suprem":
+        return None
+    if value in LABEL_MAPS:
+        return {src: CLASS_INDEX[name] for src, name in LABEL_MAPS[value].items()}
+    try:
+        pairs = [p.split(":") for p in value.split(",") if p.strip()]
+        return {int(a): int(b) for a, b in pairs}
+    except ValueError:
+        raise ConfError(
+            f"--conf train_label_map {value!r}: use one of {', '.join(LABEL_MAPS)} or 'source:target,...'"
+        ) from None
 
 
 def parse_conf(conf: Mapping[str, str]) -> AppConfig:
@@ -106,6 +129,14 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         entropy=entropy,
         normalise_score=_bool(conf, "normalise_score", False),
         hold_s=_number(conf, "hold_s", float, 1800.0),
+        state_dir=conf.get("state_dir") or None,
+        train_roi=_number(conf, "train_roi", int, 96),
+        train_epochs=_number(conf, "train_epochs", int, 50),
+        train_num_samples=_number(conf, "train_num_samples", int, 2),
+        train_label_map=_label_map(conf.get("train_label_map")),
+        val_fraction=_number(conf, "val_fraction", float, 0.2),
+        round_every_labels=_number(conf, "round_every_labels", int, 0),
+        round_interval_s=_number(conf, "round_interval_s", float, 0.0),
     )
 
 

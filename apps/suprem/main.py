@@ -16,7 +16,7 @@ if _ROOT not in sys.path:
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
-from lib.app import build_tasks  # noqa: E402
+from lib.app import build_tasks, checked_local_datastore  # noqa: E402
 from lib.errors import checked_image, guarded  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,24 @@ class SuPreMApp(MONAILabelApp):
             version="0.1.0",
             labels=self.tasks.label_dict,
         )
+
+        self.tasks.start_rounds(self.datastore)
+        self._trainers.update({k: v for k, v in self.tasks.trainers.items() if k not in self._trainers})
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        self.tasks.rounds.start()
+
+    def on_save_label(self, image_id, label_id):
+        res = super().on_save_label(image_id, label_id)
+        if image_id in self.datastore().get_labeled_images():  # a final label, not a model's draft
+            self.tasks.rounds.label_saved(image_id)
+        return res
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return checked_local_datastore(self.studies, self.tasks.label_dict.values())
 
     def init_infers(self):
         return self.tasks.infers

@@ -92,7 +92,9 @@ def test_next_sample_gives_the_top_scored_image_then_another_after_its_label_is_
     # The annotator revises and saves a final label for it.
     img = nib.load(str(env["studies"] / f"{best}.nii.gz"))
     label = tmp_path / "revised.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(label))
+    revised = np.zeros(img.shape, np.uint8)
+    revised[10:30, 10:30, 8:20] = 6  # the annotator's liver
+    nib.save(nib.Nifti1Image(revised, img.affine), str(label))
     client.save_label(best, str(label), tag="final")
     nxt = client.next_sample("importance", {"client_id": "annotator-1"})
     assert nxt["id"] != best and nxt["id"] in recs or nxt["id"] == "broken"

@@ -123,3 +123,53 @@ def test_next_request_after_a_failure_still_segments(client):
         client.infer("segresnet", "corrupt", {})
     label_file, _ = client.infer("segresnet", "totalseg_ct", {"overlap": 0.0})
     _check_label_matches(label_file, os.path.join(TOTALSEG, "ct.nii.gz"), range(1, 26))
+
+
+def _datastore_labels(client):
+    return {k: v.get("labels", {}) for k, v in client.datastore()["objects"].items()}
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("wrong_shape", "does not match the image shape"),
+        ("foreign_values", "not classes of this app's label set"),
+        ("empty", "label is empty"),
+        ("other_grid", "affine"),
+        ("not_an_image", "could not read the label"),
+    ],
+)
+def test_bad_labels_are_refused_and_the_datastore_is_unchanged(client, tmp_path, case, words):
+    ref = nib.load(os.path.join(TOTALSEG, "ct.nii.gz"))
+    arr = np.zeros(ref.shape, np.uint8)
+    arr[40:60, 40:60, 10:20] = 6
+    path = tmp_path / f"{case}.nii.gz"
+    if case == "wrong_shape":
+        nib.save(nib.Nifti1Image(arr[:-1], ref.affine), str(path))
+    elif case == "foreign_values":
+        arr[0:5, 0:5, 0:5] = 77
+        nib.save(nib.Nifti1Image(arr, ref.affine), str(path))
+    elif case == "empty":
+        nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine), str(path))
+    elif case == "other_grid":
+        nib.save(nib.Nifti1Image(arr, np.diag([1.0, 1.0, 1.0, 1.0])), str(path))
+    else:
+        path.write_bytes(b"nope")
+    before = _datastore_labels(client)
+    with pytest.raises(MONAILabelClientException) as err:
+        client.save_label("totalseg_ct", str(path), tag="final")
+    assert "Status: 422;" in err.value.msg and words in err.value.msg, err.value.msg
+    assert _datastore_labels(client) == before
+
+
+def test_a_good_label_is_saved_as_final(client, tmp_path):
+    ref = nib.load(os.path.join(TOTALSEG, "ct.nii.gz"))
+    seg = nib.load(os.path.join(TOTALSEG, "seg.nii.gz"))
+    from lib.classes import TOTALSEG_TO_SUPREM, mapping_lut
+
+    lut = np.array(mapping_lut(TOTALSEG_TO_SUPREM), np.uint8)
+    arr = lut[np.asarray(seg.dataobj).astype(np.int64)]
+    path = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(arr, ref.affine), str(path))
+    client.save_label("totalseg_ct", str(path), tag="final")
+    assert "final" in _datastore_labels(client)["totalseg_ct"]

@@ -1,0 +1,127 @@
+"""Active-learning rounds through a real server: label saves start a round that trains, publishes, re-scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+
+from lib.data.phantoms import make_phantom, write_phantom
+from lib.weights import RELEASED_FILES
+from support import Server, copy_into, shared_path, write_synthetic_checkpoint
+
+pytestmark = pytest.mark.server
+
+CONF = {
+    "models": "segresnet",
+    "use_pretrained_model": "false",
+    "overlap": "0",
+    "train_roi": "32",
+    "train_epochs": "1",
+    "train_num_samples": "1",
+    "val_fraction": "0.5",
+}
+
+
+def _setup(work, n=4):
+    studies = work / "studies"
+    truth = {}
+    for i in range(n):
+        ph = make_phantom(60 + i, shape=(48, 48, 32), spacing_mm=(3.0, 3.0, 4.0))
+        write_phantom(ph, str(studies), f"ph_{i}", None)
+        lab = work / "truth" / f"ph_{i}.nii.gz"
+        lab.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(ph.label, ph.affine), str(lab))
+        truth[f"ph_{i}"] = str(lab)
+    copy_into(shared_path("data", "totalseg-example", "ct.nii.gz"), str(studies), "totalseg_ct.nii.gz")
+    write_synthetic_checkpoint("segresnet", str(work / "weights" / RELEASED_FILES["segresnet"]))
+    conf = dict(CONF, weights_dir=str(work / "weights"), model_dir=str(work / "model"))
+    return studies, truth, conf
+
+
+def _rounds(client):
+    return client.info()["suprem"]["rounds"]
+
+
+def _wait_round(client, number, timeout=900, status=("done", "failed")):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        last = _rounds(client).get("last") or {}
+        if last.get("round", 0) >= number and last.get("status") in status:
+            return last
+        time.sleep(3)
+    raise AssertionError(f"round {number} did not finish: {_rounds(client)}")
+
+
+def test_saved_labels_start_a_round_that_publishes_rescores_and_serves_the_new_model(tmp_path):
+    studies, truth, conf = _setup(tmp_path)
+    srv = Server(str(studies), dict(conf, round_every_labels="2"), str(tmp_path)).wait_ready()
+    try:
+        client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
+        client.save_label("ph_0", truth["ph_0"], tag="final")
+        assert (_rounds(client).get("last") or {}).get("round") is None, "one label is not enough"
+        client.save_label("ph_1", truth["ph_1"], tag="final")
+        last = _wait_round(client, 1)
+        assert last["status"] == "done", last
+        assert last["labels_used"] == 2 and last["trigger"].startswith("labels")
+        pub = last["published"]["segresnet"]
+        assert os.path.exists(pub["file"]) and pub["file"].endswith("segresnet_finetuned.pth")
+        assert last["rescored"] == 3  # ph_2, ph_3 and the real CT
+        assert last["top"] and last["top"][0]["id"] in {"ph_2", "ph_3", "totalseg_ct"}
+        info = client.info()
+        assert info["models"]["segresnet"]["weights"]["segresnet"]["version"] == pub["version"]
+        _, params = client.infer("segresnet", "ph_2", {})
+        assert params["models"]["segresnet"]["version"] == pub["version"]
+        split = json.load(open(studies / ".suprem" / "split.json"))["sides"]
+        assert set(split) == {"ph_0.nii.gz", "ph_1.nii.gz"}
+        # On demand, through MONAI Label's own train endpoint: round 2, and ph_0/ph_1 keep their sides.
+        client.save_label("ph_2", truth["ph_2"], tag="final")
+        client.train_start("round", {})
+        last = _wait_round(client, 2)
+        assert last["status"] == "done" and last["labels_used"] == 3, last
+        split2 = json.load(open(studies / ".suprem" / "split.json"))["sides"]
+        assert {k: split2[k] for k in split} == split and "ph_2.nii.gz" in split2
+    finally:
+        srv.stop()
+
+
+def test_a_server_killed_mid_round_keeps_the_old_model_and_the_next_round_runs(tmp_path):
+    studies, truth, conf = _setup(tmp_path)
+    conf = dict(conf, train_epochs="200")  # long enough to be killed in the middle
+    srv = Server(str(studies), conf, str(tmp_path)).wait_ready()
+    published = tmp_path / "model" / "segresnet_finetuned.pth"
+    write_synthetic_checkpoint("segresnet", str(published), seed=3)
+    before = published.read_bytes()
+    try:
+        client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
+        for i in range(2):
+            client.save_label(f"ph_{i}", truth[f"ph_{i}"], tag="final")
+        client.train_start("round", {})
+        deadline = time.time() + 300
+        while time.time() < deadline and not (tmp_path / "model" / "train_segresnet" / "round_001").exists():
+            time.sleep(2)
+        time.sleep(5)
+        assert _rounds(client)["current"], "the round is running"
+    finally:
+        srv.kill()
+        srv.stop()
+    assert published.read_bytes() == before, "the published model is untouched"
+    srv2 = Server(str(studies), dict(conf, train_epochs="1"), str(tmp_path)).wait_ready()
+    try:
+        client = MONAILabelClient(srv2.url, tmpdir=str(tmp_path))
+        log = json.load(open(studies / ".suprem" / "rounds" / "rounds.json"))
+        entries = log if isinstance(log, list) else log["rounds"]
+        assert entries[0]["round"] == 1 and entries[0]["status"] == "interrupted", entries
+        client.save_label("ph_2", truth["ph_2"], tag="final")  # no label is lost across the crash
+        assert set(client.datastore()["objects"]) >= {"ph_0", "ph_1", "ph_2"}
+        client.train_start("round", {})
+        last = _wait_round(client, 2)
+        assert last["status"] == "done" and last["labels_used"] == 3
+        assert published.read_bytes() != before
+    finally:
+        srv2.stop()
