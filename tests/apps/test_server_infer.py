@@ -71,16 +71,19 @@ def _check_label_matches(label_file: str, image_file: str, allowed):
 
 def test_info_lists_each_backbone_and_the_ensemble_with_named_labels(client):
     info = client.info()
-    assert set(info["models"]) == {"unet", "swinunetr", "segresnet", "ensemble"}
+    assert set(info["models"]) == {"unet", "swinunetr", "segresnet", "ensemble", "attention"}
     expected = {n: CLASS_INDEX[n] for n in LABEL_SETS["atlas25"]}
     for name, model in info["models"].items():
-        assert model["labels"] == expected, name
+        if name != "attention":
+            assert model["labels"] == expected, name
         assert model["type"] == "segmentation"
     for backbone in ("unet", "swinunetr", "segresnet"):
         w = info["models"][backbone]["weights"][backbone]
         assert w["source"] == "released" and w["file"].endswith(RELEASED_FILES[backbone])
         assert len(w["version"]) == 12
     assert info["labels"] == expected
+    assert set(info["trainers"]) == {"unet", "swinunetr", "segresnet", "round"}
+    assert set(info["strategies"]) >= {"importance", "random"} and "importance" in info["scoring"]
 
 
 def test_infer_nifti_returns_label_on_input_grid_with_allowed_values(client, server):

@@ -26,7 +26,7 @@ def test_server_downloads_available_weights_and_starts_without_the_rest(tmp_path
     )
     try:
         info = srv.wait_ready().info()
-        assert set(info["models"]) == {"segresnet", "ensemble"}
+        assert set(info["models"]) == {"segresnet", "ensemble", "attention"}
         w = info["models"]["segresnet"]["weights"]["segresnet"]
         assert w["source"] == "released"
         assert os.path.exists(model_dir / RELEASED_FILES["segresnet"])
