@@ -126,6 +126,7 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
                 num_samples=cfg.train_num_samples,
                 val_fraction=cfg.val_fraction,
                 label_map=cfg.train_label_map,
+                amp=cfg.train_amp,
             )
     if not cfg.skip_scoring:
         tasks.scoring["importance"] = ImportanceScoring(scorer)

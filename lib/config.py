@@ -29,6 +29,13 @@ def _bool(conf: Mapping[str, str], key: str, default: bool) -> bool:
     raise ConfError(f"--conf {key} {v!r}: expected true or false")
 
 
+def _choice(conf: Mapping[str, str], key: str, choices) -> str:
+    v = str(conf.get(key, choices[0]))
+    if v not in choices:
+        raise ConfError(f"--conf {key} {v!r}: choose one of {', '.join(choices)}")
+    return v
+
+
 def _number(conf: Mapping[str, str], key: str, kind, default):
     v = conf.get(key)
     if v is None or str(v) == "":
@@ -62,6 +69,7 @@ class AppConfig:
     train_epochs: int
     train_num_samples: int
     train_label_map: Optional[Dict[int, int]]
+    train_amp: str
     val_fraction: float
     round_every_labels: int
     round_interval_s: float
@@ -134,6 +142,7 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         train_epochs=_number(conf, "train_epochs", int, 50),
         train_num_samples=_number(conf, "train_num_samples", int, 2),
         train_label_map=_label_map(conf.get("train_label_map")),
+        train_amp=_choice(conf, "train_amp", ("bf16", "fp16", "none")),
         val_fraction=_number(conf, "val_fraction", float, 0.2),
         round_every_labels=_number(conf, "round_every_labels", int, 0),
         round_interval_s=_number(conf, "round_interval_s", float, 0.0),

@@ -62,6 +62,7 @@ class SuPreMTrainer(BasicTrainTask):
         label_map: Optional[Dict[int, int]] = None,
         description: str = "",
         publish_to: Optional[str] = None,
+        amp: str = "bf16",
     ):
         self.backbone = backbone
         self.registry = registry
@@ -75,6 +76,9 @@ class SuPreMTrainer(BasicTrainTask):
         self.val_fraction = val_fraction
         self.last_result: Dict = {}
         self.publish_to = publish_to or registry.published_path(backbone)
+        if amp not in ("none", "fp16", "bf16"):
+            raise ValueError(f"amp must be none, fp16 or bf16; got {amp!r}")
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
         config = {
             "max_epochs": max_epochs,
             "num_samples": num_samples,
@@ -90,7 +94,8 @@ class SuPreMTrainer(BasicTrainTask):
             model_dir=os.path.join(model_dir, f"train_{backbone}"),
             description=description or f"Fine-tune SuPreM {backbone} on final labels",
             config=config,
-            amp=torch.cuda.is_available(),
+            # Mixed precision where it pays: on a GPU (torch.autocast("cuda")); fp32 on the CPU.
+            amp=torch.cuda.is_available() and amp != "none",
             publish_path=None,  # published by _publish, atomically, once training has finished
             stats_path=os.path.join(model_dir, f"train_{backbone}_stats.json"),
             labels={n: CLASS_INDEX[n] for n in self.label_names},
@@ -178,6 +183,12 @@ class SuPreMTrainer(BasicTrainTask):
         train, val = persistent_split(context.datalist, self.split_file, self.val_fraction)
         logger.info(f"{self.backbone}: {len(train)} training and {len(val)} validation images (kept split)")
         return train, val
+
+    def _create_trainer(self, context: Context):
+        trainer = super()._create_trainer(context)
+        if self.amp_dtype is not None:
+            trainer.amp_kwargs = {"dtype": self.amp_dtype}  # BasicTrainTask only offers fp16
+        return trainer
 
     def _load_checkpoint(self, context, train_handlers):
         pass  # weights are loaded in network() with the safe loader
