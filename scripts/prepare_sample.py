@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-pretrained-model", default="true", choices=("true", "false"))
     p.add_argument("--starter-n", type=int, default=6, help="labelled phantoms to train starter weights on")
-    p.add_argument("--starter-epochs", type=int, default=30)
+    p.add_argument("--starter-epochs", type=int, default=20)
     p.add_argument("--starter-roi", type=int, default=64)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
