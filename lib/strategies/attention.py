@@ -1,6 +1,6 @@
 """Attention maps and the importance score of AbdomenAtlas-8K active learning, in torch.
 
-Formula: ``/work/shared/suprem/README.md``, section "Active learning in AbdomenAtlas-8K (the
+Formula: ``../shared/suprem/README.md`` (the project facts), section "Active learning in AbdomenAtlas-8K (the
 importance score)". Pure functions on tensors (CPU or CUDA): no files, no server.
 
 Per organ ``b`` (inputs: per-model sigmoid probabilities ``p_m``, m = 1..M, and the ensemble masks):
@@ -12,7 +12,8 @@ Per organ ``b`` (inputs: per-model sigmoid probabilities ``p_m``, m = 1..M, and 
 - ``A_b = U_b | C_b | O_b``; heat ``H = (U * U_b + C * C_b + O_b) / max(...)``.
 - score = sum over organs of ``|A_b|``; organ priority = organs by descending ``sum(H)``.
 
-Readings of the text where it leaves room (the test's reference implementation makes the same ones):
+Readings of the text where it leaves room (``attention_reference.py``, the plain numpy + scipy
+transcription this is tested against, makes the same ones):
 
 - "opening": binary erosion then binary dilation, 2 iterations each, 3x3x3 full (26-connected)
   structuring element, outside the volume = background (scipy.ndimage's ``border_value=0``). Two
@@ -40,15 +41,21 @@ Options beside the reference (defaults = reference):
   alone was not chosen because it is undefined (or explodes) for organs the ensemble missed,
   which are exactly the ones that need attention.
 
-Speed: the morphology is OR/AND of shifted slices of 0/1 uint8 tensors, separably along the three
-axes (the 3x3x3 cube is the product of three 3-voxel lines; 2 iterations = the 5x5x5 cube), batched
-over organs and models; no loop over voxels and no host/device synchronisation until the final
-small summary. Measured on the 2-core CPU this was written on: uint8 OR ~7x faster than bool OR,
-and the slice approach ~17x faster than ``max_pool3d`` (float32, float16 and bfloat16 alike; slower
-than scipy there). Masks are turned into floats by a uint8 -> float copy and a multiply, ~4x
-faster than ``torch.where``/``masked_fill`` on that CPU. Organs are processed in chunks that reuse
-preallocated work buffers: on the CPU a fresh large allocation (page faults) costs more than the
-arithmetic done on it. Results do not depend on the chunk size.
+Speed (the CPU numbers were measured on the 2-core machine this was written on):
+
+- Morphology: OR/AND of shifted slices of 0/1 uint8 tensors, one axis at a time (the 3x3x3 cube is
+  the product of three 3-voxel lines; 2 iterations = the 5x5x5 cube), batched over organs and
+  models. uint8 OR ran ~7x faster than bool OR, and the slice approach ~17x faster than
+  ``max_pool3d`` (float32, float16 and bfloat16 alike; slower than scipy there).
+- Masks become floats by a uint8 -> float copy and a multiply (~4x faster than ``torch.where`` /
+  ``masked_fill``); zeros and subnormal numbers are kept out of ``log`` and ``sqrt`` (10-25x slower
+  on them; see ``_plogp_`` and ``_inconsistency_into``: no output changes).
+- Work buffers are allocated once and reused (fresh large allocations cost page faults).
+- CPU default (``crop=True``): organ by organ, on the bounding box of where that organ can have
+  attention (``_active_box``; exact). Real organs fill a few % of the volume, so this does a few %
+  of the work. CUDA default (``crop=False``): all organs batched over the whole volume, no
+  host/device synchronisation until the final summary (one ``.cpu()``).
+- No Python loop over voxels anywhere; the loops are over models, axes, organs or chunks.
 """
 
 from __future__ import annotations
@@ -87,10 +94,15 @@ LABEL_NONE = 0
 LABEL_UNCERTAIN = 1
 LABEL_INCONSISTENT = 2
 LABEL_OVERLAP = 3
-LABEL_NAMES = {LABEL_NONE: "none", LABEL_UNCERTAIN: "uncertain", LABEL_INCONSISTENT: "inconsistent", LABEL_OVERLAP: "overlap"}
+LABEL_NAMES = {
+    LABEL_NONE: "none",
+    LABEL_UNCERTAIN: "uncertain",
+    LABEL_INCONSISTENT: "inconsistent",
+    LABEL_OVERLAP: "overlap",
+}
 
-# Organ-voxels per chunk when organ_chunk is not given (work buffers: ~(4 + M) floats + (1 + M)
-# bytes per organ-voxel, e.g. ~1.5 GB on the CPU and all 25 organs (~20 GB) on a GPU at 256x256x400).
+# Organ-voxels per chunk when organ_chunk is not given (work buffers: (4 + M) floats + (1 + 2 M)
+# bytes per organ-voxel: ~23 GB for all 25 organs x 3 models at 256x256x400 on a GPU).
 _CPU_CHUNK_VOXELS = 2**26
 _CUDA_CHUNK_VOXELS = 2**30
 
@@ -291,9 +303,11 @@ def _uncertainty_into(p, entropy, out, t1, s1, s2):
 def _inconsistency_into(p, near, kept, out, mean, tmp, work, floor_tiny=False):
     """Population std over models of ``p_m`` kept (else 0) on the 1-voxel dilation of model mask m.
 
-    ``p``: ``(M, k, ...)`` float; ``near``: ``(M, k, ...)`` 0/1 uint8 model masks (overwritten); ``kept``: ``(M, k, ...)`` float buffer; ``out``, ``mean``, ``tmp``: ``(k, ...)`` float
-    buffers; ``work``: ``(k, ...)`` uint8 buffer. Two passes (mean, then mean squared deviation),
-    models added in order, the same operations as ``numpy.std(..., axis=0)``. Needs M >= 2.
+    ``p``: ``(M, k, ...)`` float; ``near``: ``(M, k, ...)`` 0/1 uint8 model masks (overwritten);
+    ``kept``: ``(M, k, ...)`` float buffer; ``out``, ``mean``, ``tmp``: ``(k, ...)`` float buffers;
+    ``work``: ``(M, k, ...)`` uint8 buffer. Two passes (mean, then mean squared deviation), models
+    added in order: the operations of ``numpy.std(..., axis=0)``. Needs M >= 2. (``torch.std``
+    over the model dim was measured ~8x slower on the CPU.)
 
     ``floor_tiny``: take the square root of ``max(variance, tiny)`` (tiny = smallest normal float).
     The CPU's sqrt of 0 was measured ~10x slower than of other numbers, and the variance is 0 almost
@@ -301,9 +315,8 @@ def _inconsistency_into(p, near, kept, out, mean, tmp, work, floor_tiny=False):
     1.5e-154 float64), far below the 0.1 threshold, so C_b and C * C_b are exactly unchanged.
     """
     n_models = p.shape[0]
-    for m in range(n_models):
-        grown = _morph(near[m], 1, False, work)
-        kept[m].copy_(grown).mul_(p[m])  # p * 1 = p, p * 0 = 0 (finite p)
+    grown = _morph(near, 1, False, work)  # all models at once
+    kept.copy_(grown).mul_(p)  # p * 1 = p, p * 0 = 0 (finite p)
     torch.add(kept[0], kept[1], out=mean)
     for m in range(2, n_models):
         mean.add_(kept[m])
@@ -344,7 +357,7 @@ def inconsistency(probs: torch.Tensor, model_masks: Optional[torch.Tensor] = Non
     near = p >= 0.5 if model_masks is None else model_masks.to(device=p.device, dtype=torch.bool).clone()
     near = near.contiguous().view(torch.uint8)
     f = [torch.empty_like(p[0]) for _ in range(3)]
-    return _inconsistency_into(p, near, torch.empty_like(p), f[0], f[1], f[2], torch.empty_like(near[0]))
+    return _inconsistency_into(p, near, torch.empty_like(p), f[0], f[1], f[2], torch.empty_like(near))
 
 
 def _entropy_floor(entropy: str, threshold: float) -> float:
@@ -434,7 +447,8 @@ def _organ_maps_(p, mm8, ob, entropy, ub, cb, h, buf: _Buffers) -> None:
             torch.ge(p, 0.5, out=near.view(torch.bool))
         else:
             near.copy_(mm8)
-        c = _inconsistency_into(p, near, kept, s1, s2, t, w, floor_tiny=True)
+        wm = buf.get("wm", (n_models,) + shape, torch.uint8)
+        c = _inconsistency_into(p, near, kept, s1, s2, t, wm, floor_tiny=True)
         torch.gt(c, C_THRESHOLD, out=cb.view(torch.bool))
         _opening_(cb, w)
         h.addcmul_(c, t.copy_(cb))  # + C * C_b (exact: C_b is 0 or 1, so there is one rounding)
@@ -454,6 +468,7 @@ def compute_attention(
     overlap_organs: Sequence[str] = OVERLAP_ORGANS,
     crop: Optional[bool] = None,
     organ_chunk: Optional[int] = None,
+    num_threads: Optional[int] = None,
 ) -> AttentionResult:
     """Attention maps, heat, score and organ priority of one volume.
 
@@ -472,7 +487,22 @@ def compute_attention(
             host/device synchronisation until the end).
         organ_chunk: without cropping, organs per batch. Default: as many as fit 2^30 organ-voxels
             on CUDA (all 25 at 256x256x400), 2^26 on the CPU. Results do not depend on it.
+        num_threads: torch CPU threads for this call (``torch.set_num_threads``, restored after;
+            process-wide, so not for concurrent callers). Default: leave torch's setting. On a CPU
+            shared with other busy processes, 1 thread was measured up to ~8x faster than 2 (each
+            parallel op waits for the second thread to be scheduled).
     """
+    if num_threads is not None and probs.device.type == "cpu":
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(num_threads))
+        try:
+            return compute_attention(
+                probs, masks, organ_names, model_masks, entropy=entropy, normalise_score=normalise_score,
+                overlap_organs=overlap_organs, crop=crop, organ_chunk=organ_chunk,
+            )
+        finally:
+            torch.set_num_threads(previous)
+
     if probs.ndim != 5:
         raise ValueError(f"probs must be (M, C, D, H, W), got shape {tuple(probs.shape)}")
     n_models, n_organs = probs.shape[:2]

@@ -1,6 +1,6 @@
 """Reference importance score: numpy + scipy.ndimage, one organ at a time, written from the formula.
 
-This is the slow, obvious transcription of ``/work/shared/suprem/README.md`` ("Active learning in
+This is the slow, obvious transcription of ``../shared/suprem/README.md`` (the project facts) ("Active learning in
 AbdomenAtlas-8K (the importance score)") that the fast torch version in ``attention.py`` is tested
 and benchmarked against. It makes the same readings of the text (see ``attention.py``'s docstring):
 1-voxel dilation and opening with the 3x3x3 full element, opening = 2 erosions then 2 dilations with
