@@ -152,3 +152,16 @@ def checked_local_datastore(studies: str, allowed_labels) -> "CheckedLocalDatast
         read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         allowed_labels=allowed_labels,
     )
+
+
+def checked_dicomweb_datastore(datastore, label_dict):
+    """MONAI Label's DICOMweb datastore (as MONAILabelApp built it from its settings) given the app's label
+    checks, segment names and class indices; any other remote datastore (XNAT, DSA) is returned as is."""
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    from lib.datastore.dicomweb import CheckedDICOMWebDatastore
+
+    if type(datastore) is not DICOMWebDatastore:
+        return datastore
+    datastore.__class__ = CheckedDICOMWebDatastore  # same state (client, cache folder, watcher), checked methods
+    return datastore.set_labels(label_dict)

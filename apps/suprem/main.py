@@ -16,7 +16,7 @@ if _ROOT not in sys.path:
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
-from lib.app import build_tasks, checked_local_datastore  # noqa: E402
+from lib.app import build_tasks, checked_dicomweb_datastore, checked_local_datastore  # noqa: E402
 from lib.errors import checked_image, guarded  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class SuPreMApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return checked_dicomweb_datastore(super().init_datastore(), self.tasks.label_dict)
         return checked_local_datastore(self.studies, self.tasks.label_dict.values())
 
     def init_infers(self):
