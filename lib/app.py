@@ -113,7 +113,8 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
     )
     tasks.state_dir = state_dir
     if not cfg.skip_trainers:
-        for b in cfg.models:
+        # Only backbones with weights: fine-tuning one from nothing would publish an untrained model.
+        for b in [m for m in cfg.models if registry.available(m)]:
             tasks.trainers[b] = SuPreMTrainer(
                 b,
                 registry,
