@@ -157,7 +157,8 @@ class SuPreMTrainer(BasicTrainTask):
         return SimpleInferer()
 
     def val_inferer(self, context: Context):
-        return SlidingWindowInferer(roi_size=self._roi(context), sw_batch_size=1, overlap=0.25, mode="gaussian")
+        # Validate as the infer task predicts: the recipe's window, not the (smaller) training crop.
+        return SlidingWindowInferer(roi_size=self.recipe.roi, sw_batch_size=1, overlap=0.25, mode="gaussian")
 
     def train_key_metric(self, context: Context):
         from monai.handlers import MeanDice
