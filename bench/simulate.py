@@ -1,0 +1,178 @@
+"""Active-learning simulation (issue 5): test Dice against annotation spent, per strategy.
+
+    .venv/bin/python bench/simulate.py --config small            # CPU, < 30 min
+    .venv/bin/python bench/simulate.py --config tiny --out /tmp/sim   # seconds-to-minutes smoke run
+    .venv/bin/python bench/simulate.py --config gpu              # larger, for a GPU machine
+
+Per seed: phantom CTs (``lib/data``) in an unlabeled pool and a held-out test set, both of mixed sites
+(A-D: contrast phase, noise, spacing, field of view) with a minority of hard cases; a starting
+SegResNet trained with the project's trainer on a few volumes of one site (the "pre-trained backbone",
+shared by all seeds). Per arm (strategy x revision mode), each round: the strategy picks volumes, a
+simulated annotator revises them (the whole volume = ground truth; or organ-level = the model's
+prediction with the first organs of the importance priority replaced by ground truth), the backbone
+retrains from the previous round's model on all final labels, and the test Dice is measured.
+
+Writes to ``--out``: ``rounds.csv`` (every round), ``dice_vs_annotation.png``, ``summary.md`` (the
+target comparison), ``config.json``. Deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import List, Optional, Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # MONAI's dataset progress bars, before tqdm is imported
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.simulation import report  # noqa: E402
+from bench.simulation.config import PRESETS, get_config, parse_override  # noqa: E402
+
+DEFAULT_OUT = os.path.join(ROOT, "bench", "out", "simulation")
+
+
+def _machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, load average {load[0]:.2f} at start"
+
+
+def _parse_arms(text: Optional[str]):
+    if not text:
+        return None
+    arms = []
+    for item in text.split(","):
+        strategy, _, revision = item.strip().partition("/")
+        arms.append((strategy, revision or "volume"))
+    return tuple(arms)
+
+
+def _report_only(out: str) -> int:
+    rows = report.read_csv(os.path.join(out, "rounds.csv"))
+    with open(os.path.join(out, "run.json")) as f:
+        meta = json.load(f)
+    report.plot(rows, os.path.join(out, "dice_vs_annotation.png"), title=f"{meta.get('config', '')}:")
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(report.summary_markdown(rows, meta))
+    print(report.summary_markdown(rows, meta))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="small", choices=sorted(PRESETS), help="preset (default small)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out/simulation)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    ap.add_argument("--arms", help="override the arms, e.g. importance/volume,random/volume,importance/organ")
+    ap.add_argument("--rounds", type=int, help="override the number of rounds")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config field, e.g. --set starter_iters=480 --set finetune_lr=1e-3")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran slower)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training and inference run")
+    ap.add_argument("--keep-work", action="store_true", help="keep the phantoms and models under OUT/work")
+    ap.add_argument("--fresh-starter", action="store_true", help="retrain the starting model even if cached")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only redraw the PNG and summary from OUT/rounds.csv and OUT/run.json")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        return _report_only(os.path.abspath(args.out))
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    import warnings
+
+    # Progress goes to stdout through log(); the libraries' per-iteration INFO lines and deprecation
+    # warnings would bury it. Errors still show.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    cfg = get_config(args.config, seeds=tuple(args.seeds) if args.seeds else None, arms=_parse_arms(args.arms),
+                     rounds=args.rounds)
+    for item in args.set:
+        cfg = dataclasses.replace(cfg, **parse_override(cfg, item))
+    from bench.simulation import loop
+
+    loop.DEVICE = args.device
+
+    out = os.path.abspath(args.out)
+    work = os.path.join(out, "work")
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    machine = _machine()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
+
+    log(f"config {cfg.name}: {json.dumps(cfg.as_dict())}")
+    log(f"machine: {machine}")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg.as_dict(), f, indent=1)
+
+    starter = os.path.join(out, "starter", f"starter_{cfg.name}_{cfg.starter_key()}.pth")
+    t = time.time()
+    if args.fresh_starter or not os.path.exists(starter):
+        loop.train_starter(cfg, work, starter, log)
+        starter_note = f"trained in {time.time() - t:.0f} s"
+    else:
+        log(f"starter: reusing {starter}")
+        starter_note = "reused from an earlier run (cached under OUT/starter)"
+
+    organs = loop.labels_of(cfg)
+    rows: List = []
+    csv_path = os.path.join(out, "rounds.csv")
+    for seed in cfg.seeds:
+        ctx = loop.prepare_seed(cfg, seed, work, starter, log)
+        for strategy, revision in cfg.arms:
+            rows += loop.run_arm(cfg, ctx, strategy, revision, log)
+            report.write_csv(rows, organs, csv_path)  # partial results survive an interruption
+        if not args.keep_work:
+            shutil.rmtree(ctx.folder, ignore_errors=True)
+    report.write_csv(rows, organs, csv_path)
+    report.plot(rows, os.path.join(out, "dice_vs_annotation.png"), title=f"{cfg.name}:")
+    wall = time.time() - start
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    meta = {
+        "config": cfg.name,
+        "command": "python bench/simulate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{machine}; {load_end:.2f} at the end; torch threads {args.threads}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_s": f"{wall:.0f}",
+        "seeds": ", ".join(str(s) for s in cfg.seeds),
+        "starting model": starter_note,
+        "time spent": ", ".join(f"{k} {sum(float(r[k]) for r in rows if int(r['round']) > 0):.0f} s"
+                                for k in ("train_s", "score_s", "test_s")),
+    }
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(report.summary_markdown(rows, meta))
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"done in {wall:.0f} s: {csv_path}, {os.path.join(out, 'dice_vs_annotation.png')}, "
+        f"{os.path.join(out, 'summary.md')}")
+    print(report.summary_markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

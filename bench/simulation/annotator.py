@@ -1,0 +1,61 @@
+"""The simulated annotator: revises a volume by writing its final label into the datastore.
+
+Whole-volume revision: the final label is the ground truth. Organ-level revision: the model's
+prediction, with the listed organs replaced by their ground truth (voxels the model gave to a listed
+organ are cleared, then the organ's true voxels painted); the other organs keep the model's answer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from lib.classes import CLASS_INDEX
+
+
+def organ_revision(pred: np.ndarray, gt: np.ndarray, organs: Sequence[str]) -> np.ndarray:
+    """``pred`` with each organ of ``organs`` replaced by its ground truth."""
+    out = np.asarray(pred, np.uint8).copy()
+    for o in organs:
+        c = CLASS_INDEX[o]
+        out[out == c] = 0
+        out[gt == c] = c
+    return out
+
+
+class SimulatedAnnotator:
+    """Revises images of a datastore from ground-truth files.
+
+    gt: image id -> ground-truth label file; labels: the app's organs (a whole volume counts as
+    revising all of them); predict: image path -> label map on the input grid (the model now served).
+    """
+
+    def __init__(self, gt: Dict[str, str], labels: Sequence[str], predict: Callable[[str], np.ndarray], tmp_dir: str):
+        self.gt = dict(gt)
+        self.labels = list(labels)
+        self.predict = predict
+        self.tmp_dir = tmp_dir
+        os.makedirs(tmp_dir, exist_ok=True)
+
+    def revise(self, datastore, image_id: str, organs: Optional[List[str]] = None) -> int:
+        """Save the revised final label of ``image_id``; returns how many organs were revised.
+
+        organs None: the whole volume; otherwise only those organs (organ-level revision).
+        """
+        gt_path = self.gt[image_id]
+        if organs is None:
+            datastore.save_label(image_id, gt_path, "final", {"revision": "volume"})
+            return len(self.labels)
+        organs = [o for o in organs if o in CLASS_INDEX]
+        gt_img = nib.load(gt_path)
+        gt = np.asarray(gt_img.dataobj)
+        pred = self.predict(datastore.get_image_uri(image_id))
+        label = organ_revision(pred, gt, organs)
+        tmp = os.path.join(self.tmp_dir, f"{image_id}.nii.gz")
+        nib.save(nib.Nifti1Image(label, gt_img.affine), tmp)
+        datastore.save_label(image_id, tmp, "final", {"revision": "organ", "organs": list(organs)})
+        os.remove(tmp)
+        return len(organs)

@@ -1,0 +1,71 @@
+"""Phantom pools of one seed: an unlabeled pool and a test set of mixed sites with hard cases, and the
+single-site set the starting model learns from. Every study is a pure function of (seed, role, index)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from lib.data.phantoms import HARD_CASES, SITES, make_phantom, write_phantom
+
+ROLES = {"starter": 0, "pool": 1, "test": 2}
+
+
+@dataclass
+class Study:
+    """One phantom written to disk: ``image`` (HU) and ``gt`` (its ground-truth label map)."""
+
+    id: str
+    image: str
+    gt: str
+    site: str
+    hard: Optional[str]
+
+    def tag(self) -> str:
+        return f"{self.id}:{self.site}:{self.hard or '-'}"
+
+
+def study_seed(seed: int, role: str, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed), ROLES[role], int(index)]).generate_state(1)[0])
+
+
+def site_spacing(site: str, scale: float):
+    return tuple(float(s) * scale for s in SITES[site].spacing_mm)
+
+
+def _plan(n: int, sites, hard_fraction: float, rng: np.random.Generator):
+    """(site, hard case) for n studies: sites in equal shares, ``hard_fraction`` of them hard cases
+    (cycling through HARD_CASES, on sites in turn), in a shuffled order."""
+    n_hard = int(round(hard_fraction * n))
+    hard_order = list(HARD_CASES)
+    rng.shuffle(hard_order)
+    plan = []
+    for i in range(n):
+        site = sites[i % len(sites)]
+        hard = hard_order[i % len(hard_order)] if i < n_hard else None
+        plan.append((site, hard))
+    order = rng.permutation(n)
+    return [plan[i] for i in order]
+
+
+def make_studies(folder: str, gt_folder: str, role: str, n: int, seed: int, cfg, sites=None, hard_fraction=None,
+                 prefix: Optional[str] = None) -> List[Study]:
+    """Write ``n`` phantoms of ``role`` as ``folder/<prefix>_<i>.nii.gz``, ground truth in ``gt_folder``."""
+    sites = list(sites or cfg.sites)
+    hf = cfg.hard_fraction if hard_fraction is None else hard_fraction
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), ROLES[role], 10_000]))
+    out = []
+    for i, (site, hard) in enumerate(_plan(n, sites, hf, rng)):
+        name = f"{prefix or role}_{i:03d}"
+        ph = make_phantom(study_seed(seed, role, i), shape=cfg.shape, spacing_mm=site_spacing(site, cfg.spacing_scale),
+                          site=site, hard=hard)
+        image, gt = write_phantom(ph, folder, name, label_dir=os.path.abspath(gt_folder))
+        out.append(Study(name, image, gt, site, hard))
+    return out
+
+
+def by_id(studies: List[Study]) -> Dict[str, Study]:
+    return {s.id: s for s in studies}

@@ -1,0 +1,229 @@
+"""Rounds of one arm (a strategy and a revision mode) on one seed, with the project's own pieces:
+
+pick (MONAI Label strategies ``importance`` / ``random`` / ``first`` on a LocalDatastore, after the
+``importance`` scoring method ran), revise (the simulated annotator saves final labels), retrain
+(``SuPreMTrainer`` from the previous round's model, published through the ``WeightsRegistry``), test
+(the ``SuPreMSegmentation`` infer task on the held-out set, Dice per organ).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from monai.utils import set_determinism
+from monailabel.datastore.local import LocalDatastore
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib.app import validate_checkpoint
+from lib.classes import CLASS_INDEX, LABEL_SETS
+from lib.infers.predictor import NetworkCache
+from lib.infers.segmentation import SuPreMSegmentation
+from lib.scoring.importance import INFO_KEY, ImportanceScoring
+from lib.scoring.volume import VolumeScorer
+from lib.strategies.importance import ImportanceStrategy
+from lib.trainers.segmentation import SuPreMTrainer
+from lib.transforms.recipe import Recipe
+from lib.weights import WeightsRegistry
+
+from .annotator import SimulatedAnnotator
+from .config import STRATEGIES, SimConfig, arm_name
+from .data import Study, make_studies
+from .dice import organ_dice, summarise
+
+BACKBONE = "segresnet"
+DEVICE = "cpu"  # bench/simulate.py --device sets it
+Log = Callable[[str], None]
+
+
+def recipe_of(cfg: SimConfig) -> Recipe:
+    return Recipe(spacing=tuple(cfg.grid_mm), roi=tuple(cfg.infer_roi), overlap=cfg.overlap, sw_batch_size=1, amp="none")
+
+
+def labels_of(cfg: SimConfig) -> List[str]:
+    return list(LABEL_SETS[cfg.labels])
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(rnd), 77]).generate_state(1)[0])
+
+
+class Model:
+    """One backbone's weights in ``model_dir`` (starting from ``starter``), its infer task and trainer."""
+
+    def __init__(self, cfg: SimConfig, model_dir: str, starter: Optional[str], split_file: str,
+                 publish_to: Optional[str] = None, entropy: str = "positive", lr: Optional[float] = None):
+        self.cfg = cfg
+        os.makedirs(model_dir, exist_ok=True)
+        self.model_dir = model_dir
+        self.registry = WeightsRegistry(model_dir, validate_checkpoint, use_pretrained_model=False)
+        if starter:
+            shutil.copyfile(starter, self.registry.starter_path(BACKBONE))
+        self.registry.resolve(BACKBONE)
+        self.recipe = recipe_of(cfg)
+        self.labels = labels_of(cfg)
+        self.class_indices = [CLASS_INDEX[o] for o in self.labels]
+        self.cache = NetworkCache()
+        self.infer = SuPreMSegmentation([BACKBONE], self.registry, self.labels, self.recipe, self.cache)
+        self.trainer = SuPreMTrainer(
+            BACKBONE, self.registry, self.labels, self.recipe, model_dir=model_dir, split_file=split_file,
+            roi=cfg.train_roi, max_epochs=1, num_samples=cfg.num_samples, lr=lr or cfg.lr, val_fraction=0.0,
+            publish_to=publish_to, amp="none",
+        )
+        self.scorer = VolumeScorer([BACKBONE], self.registry, self.labels, self.recipe, self.cache, device=DEVICE,
+                                   entropy=entropy)
+        self.scoring = ImportanceScoring(self.scorer)
+
+    def predict(self, path: str) -> np.ndarray:
+        """Label map on the input grid, from the model served now (the app's infer task)."""
+        _, data = self.infer({"image": path, "device": DEVICE, "skip_writer": "true", "logging": "WARNING"})
+        return np.asarray(torch.as_tensor(data["pred"]).cpu().numpy(), np.uint8)
+
+    def train(self, datastore, name: str, iters: int, seed: int) -> Dict:
+        """Retrain on the datastore's final labels (about ``iters`` iterations), then publish."""
+        n = len(datastore.datalist())
+        epochs = max(1, int(math.ceil(iters / max(n, 1))))
+        set_determinism(seed=seed)
+        try:
+            res = self.trainer({"name": name, "max_epochs": epochs, "device": DEVICE, "source": f"simulation {name}"},
+                               datastore)
+        finally:
+            set_determinism(seed=None)
+            shutil.rmtree(os.path.join(self.model_dir, f"train_{BACKBONE}", name), ignore_errors=True)
+        return {"epochs": epochs, "labels_used": n, "published": res.get("published")}
+
+    def test_dice(self, studies: List[Study]) -> Dict[str, float]:
+        import nibabel as nib
+
+        per_volume = []
+        for s in studies:
+            pred = self.predict(s.image)
+            gt = np.asarray(nib.load(s.gt).dataobj)
+            per_volume.append(organ_dice(pred, gt, self.class_indices))
+        return summarise(per_volume, self.labels)
+
+
+@dataclass
+class SeedContext:
+    """What the arms of one seed share: the pool, the test set, the starter and its round-0 results."""
+
+    seed: int
+    folder: str
+    pool: List[Study]
+    test: List[Study]
+    starter: str
+    round0: Dict[str, float] = field(default_factory=dict)
+    round0_s: float = 0.0
+    scores0: Dict[str, Dict[str, Dict]] = field(default_factory=dict)  # entropy -> image id -> record
+
+
+def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log) -> SeedContext:
+    folder = os.path.join(work, f"seed_{seed}")
+    shutil.rmtree(folder, ignore_errors=True)
+    t = time.time()
+    pool = make_studies(os.path.join(folder, "pool"), os.path.join(folder, "pool_gt"), "pool", cfg.n_pool, seed, cfg)
+    test = make_studies(os.path.join(folder, "test"), os.path.join(folder, "test_gt"), "test", cfg.n_test, seed, cfg)
+    log(f"seed {seed}: {len(pool)} pool + {len(test)} test phantoms in {time.time() - t:.0f} s; "
+        f"pool {' '.join(s.tag() for s in pool)}")
+    ctx = SeedContext(seed, folder, pool, test, starter)
+    t = time.time()
+    m = Model(cfg, os.path.join(folder, "round0_model"), starter, os.path.join(folder, "round0_split.json"))
+    ctx.round0 = m.test_dice(test)
+    ctx.round0_s = time.time() - t
+    log(f"seed {seed}: starting model test Dice {ctx.round0['mean']:.3f} ({ctx.round0_s:.0f} s)")
+    return ctx
+
+
+def train_starter(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
+    """The 'pre-trained backbone': SegResNet from scratch on ``n_starter`` phantoms of one site, with the
+    project's trainer; published to ``dest``."""
+    folder = os.path.join(work, "starter")
+    shutil.rmtree(folder, ignore_errors=True)
+    studies_dir = os.path.join(folder, "studies")
+    make_studies(studies_dir, os.path.join(studies_dir, "labels", "final"), "starter", cfg.n_starter,
+                 cfg.starter_seed, cfg, sites=[cfg.starter_site], hard_fraction=0.0)
+    ds = LocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    m = Model(cfg, os.path.join(folder, "model"), None, os.path.join(folder, "split.json"), publish_to=dest)
+    t = time.time()
+    info = m.train(ds, "starter", cfg.starter_iters, cfg.starter_seed)
+    log(f"starter: {cfg.n_starter} site-{cfg.starter_site} phantoms, {info['epochs']} epochs, {time.time() - t:.0f} s")
+    shutil.rmtree(folder, ignore_errors=True)
+    return dest
+
+
+def _strategy(name: str):
+    kind = STRATEGIES[name][0]
+    return {"importance": lambda: ImportanceStrategy(hold_s=0.0), "random": Random, "first": First}[kind]()
+
+
+def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log: Log) -> List[Dict]:
+    """All rounds of one arm; returns one row per round (round 0 = the starting model)."""
+    arm = arm_name(strategy, revision)
+    folder = os.path.join(ctx.folder, arm.replace("/", "_"))
+    shutil.rmtree(folder, ignore_errors=True)
+    studies_dir = os.path.join(folder, "studies")
+    os.makedirs(studies_dir)
+    for s in ctx.pool:
+        shutil.copy2(s.image, os.path.join(studies_dir, os.path.basename(s.image)))
+    ds = LocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False)
+    kind, entropy = STRATEGIES[strategy]
+    model = Model(cfg, os.path.join(folder, "model"), ctx.starter, os.path.join(folder, "split.json"),
+                  entropy=entropy or "positive", lr=cfg.finetune_lr or cfg.lr)
+    annotator = SimulatedAnnotator({s.id: s.gt for s in ctx.pool}, model.labels, model.predict,
+                                   os.path.join(folder, "tmp"))
+    pick_strategy = _strategy(strategy)
+    tags = {s.id: s.tag() for s in ctx.pool}
+    base = {"seed": ctx.seed, "strategy": strategy, "revision": revision}
+    rows = [dict(base, round=0, volumes_revised=0, organs_revised=0, dice=ctx.round0, picked="", epochs=0,
+                 labels_used=0, score_s=0.0, train_s=0.0, test_s=round(ctx.round0_s, 1))]
+    volumes = organs = 0
+    per_round = cfg.volumes_per_round if revision == "volume" else cfg.organ_volumes_per_round
+    for rnd in range(1, cfg.rounds + 1):
+        t = time.time()
+        if kind == "importance":
+            cached = ctx.scores0.get(entropy) if rnd == 1 else None
+            if cached:
+                for image_id, rec in cached.items():
+                    ds.update_image_info(image_id, {INFO_KEY: rec})
+            else:
+                model.scoring({}, ds)
+                if rnd == 1:
+                    ctx.scores0[entropy] = {i: ds.get_image_info(i).get(INFO_KEY, {}) for i in ds.get_unlabeled_images()}
+        score_s = time.time() - t
+        random.seed(round_seed(ctx.seed, rnd))  # MONAI Label's Random draws from Python's random
+        picked = []
+        for _ in range(per_round):
+            res = pick_strategy({"strategy": kind, "client_id": "simulated-annotator"}, ds)
+            if not res:
+                break
+            image_id = res["id"]
+            listed = None
+            if revision == "organ":
+                listed = list(res.get("organs") or [])[: cfg.organs_per_volume]
+            n_org = annotator.revise(ds, image_id, listed)
+            volumes += 1
+            organs += n_org
+            picked.append(tags[image_id] + (f"[{'|'.join(listed)}]" if listed is not None else ""))
+        t = time.time()
+        info = model.train(ds, f"round_{rnd:03d}", cfg.iters_per_round, round_seed(ctx.seed, rnd))
+        train_s = time.time() - t
+        t = time.time()
+        dice = model.test_dice(ctx.test)
+        test_s = time.time() - t
+        rows.append(dict(base, round=rnd, volumes_revised=volumes, organs_revised=organs, dice=dice,
+                         picked=" ".join(picked), epochs=info["epochs"], labels_used=info["labels_used"],
+                         score_s=round(score_s, 1), train_s=round(train_s, 1), test_s=round(test_s, 1)))
+        log(f"seed {ctx.seed} {arm} round {rnd}: {volumes} volumes / {organs} organs revised, "
+            f"test Dice {dice['mean']:.3f} (score {score_s:.0f} s, train {train_s:.0f} s, test {test_s:.0f} s) "
+            f"picked {' '.join(picked)}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows

@@ -1,0 +1,175 @@
+"""The active-learning simulation (bench/simulate.py): a tiny run produces a consistent CSV, a PNG and
+a summary. Who wins is not checked here; bench/RESULTS.md reports that."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from bench.simulation import report
+from bench.simulation.annotator import organ_revision
+from bench.simulation.config import PRESETS, get_config
+from bench.simulation.dice import organ_dice, summarise
+from lib.classes import CLASS_INDEX, LABEL_SETS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = PRESETS["tiny"]
+ORGANS = LABEL_SETS[TINY.labels]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("simulation")
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "simulate.py"), "--config", "tiny", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_tiny_config_is_two_rounds_of_two_strategies_on_one_seed():
+    assert TINY.rounds == 2 and len(TINY.seeds) == 1
+    assert {s for s, _ in TINY.arms} == {"importance", "random"}
+
+
+def test_csv_has_one_consistent_row_per_seed_strategy_and_round(tiny_run):
+    with open(tiny_run / "rounds.csv", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        raw = list(reader)
+    assert header == report.columns(ORGANS)
+    assert all(len(r) == len(header) for r in raw)
+    rows = [dict(zip(header, r)) for r in raw]
+    keys = [(r["seed"], r["strategy"], r["revision"], int(r["round"])) for r in rows]
+    assert len(keys) == len(set(keys)) == len(TINY.seeds) * len(TINY.arms) * (TINY.rounds + 1)
+    by_arm = defaultdict(list)
+    for r in rows:
+        by_arm[(r["seed"], r["strategy"], r["revision"])].append(r)
+    assert set(k[1:] for k in by_arm) == set(TINY.arms)
+    for (_, strategy, revision), arm_rows in by_arm.items():
+        arm_rows.sort(key=lambda r: int(r["round"]))
+        assert [int(r["round"]) for r in arm_rows] == list(range(TINY.rounds + 1))
+        vols = [int(r["volumes_revised"]) for r in arm_rows]
+        orgs = [int(r["organs_revised"]) for r in arm_rows]
+        assert vols[0] == 0 and orgs[0] == 0
+        assert all(b > a for a, b in zip(vols, vols[1:])), "revised volumes increase every round"
+        assert all(b >= a for a, b in zip(orgs, orgs[1:])), "revised organs never decrease"
+        per_round = TINY.volumes_per_round if revision == "volume" else TINY.organ_volumes_per_round
+        assert vols[-1] == per_round * TINY.rounds
+        if revision == "volume":
+            assert orgs == [v * len(ORGANS) for v in vols], "a whole volume revises every organ"
+            assert all(b > a for a, b in zip(orgs, orgs[1:]))
+        else:
+            assert orgs[-1] <= vols[-1] * TINY.organs_per_volume
+        # Round 0 is the same starting model for every arm.
+        assert arm_rows[0]["test_mean_dice"] == rows[0]["test_mean_dice"]
+        assert len([p for p in arm_rows[-1]["picked"].split() if p]) == per_round
+    for r in rows:
+        mean = float(r["test_mean_dice"])
+        assert 0.0 <= mean <= 1.0
+        organ_values = [float(r[f"dice_{o}"]) for o in ORGANS if r[f"dice_{o}"] != ""]
+        assert organ_values and all(0.0 <= v <= 1.0 for v in organ_values)
+        assert math.isclose(mean, float(np.mean(organ_values)), abs_tol=1e-3)
+
+
+def test_png_is_a_valid_image_and_summary_states_the_target(tiny_run):
+    png = tiny_run / "dice_vs_annotation.png"
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
+    summary = (tiny_run / "summary.md").read_text()
+    assert "## Target" in summary and "random" in summary and "Volumes:" in summary
+    assert not (tiny_run / "work").exists(), "scratch phantoms and models are removed"
+
+
+# --- the pieces, without training ---------------------------------------------------------------------
+def test_annotation_to_reach_interpolates_between_rounds():
+    x, y = [0, 2, 4, 6], [0.1, 0.3, 0.5, 0.6]
+    assert report.annotation_to_reach(x, y, 0.4) == pytest.approx(3.0)
+    assert report.annotation_to_reach(x, y, 0.05) == 0.0
+    assert report.annotation_to_reach(x, y, 0.6) == pytest.approx(6.0)
+    assert report.annotation_to_reach(x, y, 0.7) is None
+    # first crossing, even if the curve dips afterwards
+    assert report.annotation_to_reach([0, 1, 2, 3], [0.1, 0.5, 0.2, 0.6], 0.3) == pytest.approx(0.5)
+
+
+def test_target_comparison_on_known_curves():
+    rows = []
+    for seed in (0, 1):
+        for rnd in range(4):
+            rows.append({"seed": seed, "strategy": "random", "revision": "volume", "round": rnd,
+                         "volumes_revised": 2 * rnd, "organs_revised": 50 * rnd, "test_mean_dice": 0.1 * rnd})
+            rows.append({"seed": seed, "strategy": "importance", "revision": "volume", "round": rnd,
+                         "volumes_revised": 2 * rnd, "organs_revised": 50 * rnd, "test_mean_dice": 0.2 * rnd})
+            rows.append({"seed": seed, "strategy": "importance", "revision": "organ", "round": rnd,
+                         "volumes_revised": 4 * rnd, "organs_revised": 20 * rnd, "test_mean_dice": 0.15 * rnd})
+    t = report.target_comparison(rows)
+    assert t["volumes"]["target_dice"] == pytest.approx(0.3)
+    assert t["volumes"]["importance_volumes"] == pytest.approx(3.0)
+    assert t["volumes"]["saving"] == pytest.approx(0.5)
+    assert t["organs"]["whole_organs"] == pytest.approx(75.0)
+    assert t["organs"]["organ_level_organs"] == pytest.approx(40.0)
+    assert t["organs"]["saving"] == pytest.approx(1 - 40 / 75)
+    assert "saving 50%" in report.summary_markdown(rows, {"config": "test"})
+
+
+def test_no_saving_is_claimed_when_random_selection_learnt_nothing():
+    rows = []
+    for rnd, (rand, imp) in enumerate([(0.30, 0.30), (0.25, 0.28), (0.29, 0.35)]):
+        for strategy, d in (("random", rand), ("importance", imp)):
+            rows.append({"seed": 0, "strategy": strategy, "revision": "volume", "round": rnd,
+                         "volumes_revised": 2 * rnd, "organs_revised": 50 * rnd, "test_mean_dice": d})
+    t = report.target_comparison(rows)
+    assert t["volumes"]["degenerate"] and t["volumes"]["saving"] is None
+    assert "No measurable saving" in report.summary_markdown(rows, {"config": "test"})
+
+
+def test_organ_revision_replaces_only_the_listed_organs_by_ground_truth():
+    liver, spleen, kidney = CLASS_INDEX["liver"], CLASS_INDEX["spleen"], CLASS_INDEX["kidney_left"]
+    gt = np.zeros((4, 4, 1), np.uint8)
+    gt[:2, :2] = liver
+    gt[2:, 2:] = spleen
+    gt[0, 3] = kidney
+    pred = np.zeros_like(gt)
+    pred[1:3, 1:3] = liver  # shifted liver
+    pred[3, 0] = spleen  # spleen in the wrong place
+    out = organ_revision(pred, gt, ["liver"])
+    assert ((out == liver) == (gt == liver)).all(), "the listed organ becomes the ground truth"
+    assert (out == spleen).sum() == 1 and out[3, 0] == spleen, "an unlisted organ keeps the model's answer"
+    assert (out == kidney).sum() == 0, "an unlisted organ the model missed stays missed"
+    assert (pred == organ_revision(pred, gt, [])).all()
+
+
+def test_dice_is_nan_only_where_an_organ_is_in_neither_map():
+    gt = np.zeros((4, 4, 4), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[:2] = 1
+    pred[:1] = 1
+    pred[3] = 2
+    d = organ_dice(pred, gt, [1, 2, 3])
+    assert d[0] == pytest.approx(2 * 16 / (16 + 32)) and d[1] == 0.0 and np.isnan(d[2])
+    s = summarise([d, np.array([1.0, np.nan, np.nan])], ["a", "b", "c"])
+    assert s["a"] == pytest.approx((d[0] + 1.0) / 2) and s["b"] == 0.0 and np.isnan(s["c"])
+    assert s["mean"] == pytest.approx((s["a"] + s["b"]) / 2)
+
+
+def test_presets_are_valid_and_organ_level_needs_a_priority():
+    for name in PRESETS:
+        cfg = get_config(name)
+        assert cfg.rounds >= 2 and cfg.seeds
+    with pytest.raises(ValueError):
+        get_config("tiny", arms=(("random", "organ"),))
+    with pytest.raises(ValueError):
+        get_config("tiny", n_pool=1)
