@@ -44,11 +44,9 @@ separately and reported apart.
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -60,6 +58,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,37 +84,6 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Facts and inputs
-
-
-def machine_facts(device: torch.device) -> Dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    import monai
-    import monailabel
-
-    facts = {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": f"{cpu}, {os.cpu_count()} logical CPUs ({usable} usable), torch threads {torch.get_num_threads()}",
-        "software": f"python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
-        f"monailabel {monailabel.__version__}",
-        "device": device.type,
-    }
-    if device.type == "cuda":
-        facts["device"] = f"cuda: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    else:
-        facts["device"] = f"cpu: {cpu}"
-    return facts
 
 
 def load_avg() -> Tuple[float, float, float]:

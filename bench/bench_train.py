@@ -47,12 +47,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -64,6 +62,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
+from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,33 +102,9 @@ def load_avg() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def machine_facts(device: torch.device) -> Dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    import monai
-    import monailabel
-
-    facts = {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": f"{cpu}, {os.cpu_count()} logical CPUs ({usable} usable), torch threads {torch.get_num_threads()}",
-        "software": f"python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
-        f"monailabel {monailabel.__version__}",
-        "device": f"cpu: {cpu}",
-        "load average (1/5/15 min) at start": load_avg(),
-    }
-    if device.type == "cuda":
-        facts["device"] = f"cuda: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+def bench_facts(device: torch.device) -> Dict[str, str]:
+    facts = machine_facts(device)
+    facts["load average (1/5/15 min) at start"] = load_avg()
     return facts
 
 
@@ -516,7 +491,7 @@ def main(argv=None) -> int:
     if args.budget_s is None:
         args.budget_s = 600.0 if device.type == "cuda" else 900.0
 
-    facts = machine_facts(device)
+    facts = bench_facts(device)
     print("## Machine\n")
     for k, v in facts.items():
         print(f"- {k}: {v}")
