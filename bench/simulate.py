@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
@@ -41,16 +40,15 @@ from bench.simulation.config import PRESETS, get_config, parse_override  # noqa:
 DEFAULT_OUT = os.path.join(ROOT, "bench", "out", "simulation")
 
 
-def _machine() -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, load average {load[0]:.2f} at start"
+def _machine(device: str) -> str:
+    """The shared bench/machine.py facts, plus the load average (the CPU is shared with other jobs)."""
+    import torch
+
+    from bench.machine import machine_facts
+
+    facts = machine_facts(torch.device(device))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{facts['cpu']}; {facts['software']}; device {facts['device']}; load average {load:.2f} at start"
 
 
 def _parse_arms(text: Optional[str]):
@@ -88,6 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training and inference run")
     ap.add_argument("--keep-work", action="store_true", help="keep the phantoms and models under OUT/work")
     ap.add_argument("--fresh-starter", action="store_true", help="retrain the starting model even if cached")
+    ap.add_argument("--starter", metavar="PTH",
+                    help="start from this segresnet checkpoint (released format, e.g. the released SuPreM file) "
+                         "instead of training one on phantoms")
     ap.add_argument("--report-only", action="store_true",
                     help="only redraw the PNG and summary from OUT/rounds.csv and OUT/run.json")
     args = ap.parse_args(argv)
@@ -118,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = os.path.join(out, "work")
     os.makedirs(out, exist_ok=True)
     start = time.time()
-    machine = _machine()
+    machine = _machine(args.device)
 
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
@@ -130,7 +131,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     starter = os.path.join(out, "starter", f"starter_{cfg.name}_{cfg.starter_key()}.pth")
     t = time.time()
-    if args.fresh_starter or not os.path.exists(starter):
+    if args.starter:
+        from lib.app import validate_checkpoint
+
+        starter = os.path.abspath(args.starter)
+        validate_checkpoint("segresnet", starter)
+        log(f"starter: given {starter}")
+        starter_note = f"given: {starter}"
+    elif args.fresh_starter or not os.path.exists(starter):
         loop.train_starter(cfg, work, starter, log)
         starter_note = f"trained in {time.time() - t:.0f} s"
     else:
@@ -154,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {
         "config": cfg.name,
         "command": "python bench/simulate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{machine}; {load_end:.2f} at the end; torch threads {args.threads}",
+        "machine": f"{machine}, {load_end:.2f} at the end",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "wall_s": f"{wall:.0f}",
         "seeds": ", ".join(str(s) for s in cfg.seeds),
