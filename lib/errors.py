@@ -58,6 +58,31 @@ def http_error(exc: BaseException, what: str) -> HTTPException:
     return HTTPException(status_code=500, detail=f"{what} failed: {root[:500]}")
 
 
+def refuse_path_characters(value, what: str) -> str:
+    """``value`` (an image id, a label tag) if it names no path; else HTTP 400 naming ``what``.
+
+    MONAI Label joins these request values onto the studies folder: a ``../`` would read or write
+    outside it.
+    """
+    if not isinstance(value, str) or not value:
+        raise HTTPException(status_code=400, detail=f"no {what} given")
+    if "/" in value or "\\" in value or value.startswith("..") or value == "." or "\0" in value:
+        raise HTTPException(status_code=400, detail=f"{what} {value!r} holds path characters")
+    return value
+
+
+def checked_model(infers: Dict, model) -> str:
+    """The request's infer model, if it is served; else HTTP 404 saying why it is not (e.g. its weights
+    file was refused at start-up)."""
+    task = infers.get(model) if isinstance(model, str) else None
+    if task is None:
+        raise HTTPException(status_code=404, detail=f"no model {model!r}; models served: {sorted(infers)}")
+    if not task.is_valid():
+        why = getattr(task, "why_unavailable", lambda: "")()
+        raise HTTPException(status_code=404, detail=f"model {model!r} is not served: {why or 'no weights'}")
+    return model
+
+
 def checked_image(datastore, image) -> str:
     """The request's image, if the datastore holds it (or it is a file MONAI Label just uploaded).
 
@@ -72,8 +97,7 @@ def checked_image(datastore, image) -> str:
         if real.startswith(tmp + os.sep) and os.path.isfile(real):
             return image  # an upload the endpoint stored in the temp folder
         raise HTTPException(status_code=400, detail=f"image {image!r} is not an image id of this datastore")
-    if "/" in image or "\\" in image or image.startswith(".."):
-        raise HTTPException(status_code=400, detail=f"image id {image!r} holds path characters")
+    refuse_path_characters(image, "image id")
     if not datastore.get_image_uri(image):
         raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
     return image

@@ -17,7 +17,7 @@ if _ROOT not in sys.path:
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
 from lib.app import build_tasks, checked_dicomweb_datastore, checked_local_datastore  # noqa: E402
-from lib.errors import checked_image, guarded  # noqa: E402
+from lib.errors import checked_image, checked_model, guarded  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class SuPreMApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         ds = datastore or self.datastore()
+        checked_model(self._infers, request.get("model"))
         image = checked_image(ds, request.get("image"))
         what = f"infer {request.get('model')} on {os.path.basename(str(image))!r}"
         return guarded(super().infer, what, dict(request, image=image), datastore)

@@ -10,6 +10,8 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
+from lib.errors import refuse_path_characters
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,16 +60,25 @@ def check_label(image_path: str, label_path: str, allowed: Iterable[int], allow_
 
 
 class CheckedLocalDatastore(LocalDatastore):
-    """LocalDatastore whose ``save_label`` checks the label against its image first.
+    """LocalDatastore whose ``save_label`` checks the label against its image first, and which takes no
+    image id or label tag that names a path (MONAI Label joins both onto the studies folder).
 
-    A refused label raises HTTP 422 with the reason and leaves the datastore exactly as it was.
+    A refused label raises HTTP 422 with the reason (400 for a path) and leaves the datastore exactly
+    as it was.
     """
 
     def __init__(self, *args, allowed_labels: Iterable[int] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.allowed_labels = sorted(int(a) for a in allowed_labels)
 
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        if image_id:
+            refuse_path_characters(image_id, "image id")
+        return super().add_image(image_id, image_filename, image_info)
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        refuse_path_characters(image_id, "image id")
+        refuse_path_characters(label_tag, "label tag")
         image_path = self.get_image_uri(image_id)
         if not image_path:
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")

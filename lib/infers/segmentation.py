@@ -86,6 +86,10 @@ class SuPreMSegmentation(RecipeInferTask):
         info["recipe"] = self.recipe.as_dict()
         return info
 
+    def why_unavailable(self) -> str:
+        """Why none of this task's backbones has weights (the registry's problem per backbone)."""
+        return "; ".join(f"{b}: {self.registry.info(b).get('problem') or 'no weights'}" for b in self.backbones)
+
     def active_backbones(self) -> List[str]:
         return [b for b in self.backbones if self.registry.available(b)]
 

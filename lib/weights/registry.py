@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -121,6 +122,9 @@ class WeightsRegistry:
         self.repo = repo
         self.validate = validate
         self.weights: Dict[str, ModelWeights] = {}
+        # Published files checked so far: backbone -> ((size, mtime_ns), problem or None).
+        self._published_checks: Dict[str, tuple] = {}
+        self._published_lock = threading.Lock()
 
     def released_path(self, backbone: str) -> str:
         return os.path.join(self.model_dir, RELEASED_FILES[backbone])
@@ -182,7 +186,7 @@ class WeightsRegistry:
                 return mw
             problems.append(f"{starter} is not a valid {backbone} checkpoint: {err}")
         published = self.published_path(backbone)
-        if os.path.exists(published) and self._valid(backbone, published) is None:
+        if os.path.exists(published) and self.published_problem(backbone) is None:
             mw.base, mw.base_source = None, "none"
             logger.info(f"{backbone}: serving fine-tuned weights {published}")
         else:
@@ -191,10 +195,35 @@ class WeightsRegistry:
         self.weights[backbone] = mw
         return mw
 
+    def published_problem(self, backbone: str) -> Optional[str]:
+        """Why the published fine-tuned file of ``backbone`` is refused, or None (valid, or no file).
+
+        A published file can appear or change at any time (a round, a user copying one in), so it is
+        checked like a released one, once per file state (size, mtime).
+        """
+        path = self.published_path(backbone)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        stamp = (st.st_size, st.st_mtime_ns)
+        with self._published_lock:
+            seen = self._published_checks.get(backbone)
+            if seen and seen[0] == stamp:
+                return seen[1]
+            err = self._valid(backbone, path)
+            problem = f"{path} is not a valid {backbone} checkpoint: {err}" if err else None
+            self._published_checks[backbone] = (stamp, problem)
+            if problem:
+                mw = self.weights.get(backbone)
+                fallback = mw.base if mw and mw.base else "nothing (backbone not offered)"
+                logger.error(f"{backbone}: published model refused, serving {fallback} instead: {problem}")
+        return problem
+
     def current_path(self, backbone: str) -> Optional[str]:
-        """The file to serve now: the published fine-tuned model if there is one, else the base."""
+        """The file to serve now: the published fine-tuned model if there is a valid one, else the base."""
         published = self.published_path(backbone)
-        if os.path.exists(published):
+        if os.path.exists(published) and self.published_problem(backbone) is None:
             return published
         mw = self.weights.get(backbone)
         return mw.base if mw else None
@@ -204,7 +233,11 @@ class WeightsRegistry:
 
     def info(self, backbone: str) -> Dict:
         mw = self.weights.get(backbone) or ModelWeights(backbone)
-        return mw.as_info(self.published_path(backbone))
+        refused = self.published_problem(backbone)
+        info = mw.as_info(None if refused else self.published_path(backbone))
+        if refused:
+            info["problem"] = "; ".join(p for p in (mw.problem, refused) if p)
+        return info
 
     def summary(self) -> Dict[str, Dict]:
         return {b: self.info(b) for b in self.weights}
