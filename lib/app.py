@@ -19,6 +19,7 @@ from lib.networks import build_network, load_checkpoint
 from lib.rounds.manager import RoundManager
 from lib.trainers.round import RoundTrainTask, run_round
 from lib.trainers.segmentation import SuPreMTrainer
+from lib.scoring.engine import make_engine
 from lib.scoring.importance import ImportanceScoring
 from lib.scoring.volume import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
@@ -96,6 +97,12 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
     tasks.infers["ensemble"] = SuPreMSegmentation(
         cfg.models, registry, cfg.labels, cfg.recipe, cache, description="Mean probability of the loaded SuPreM backbones"
     )
+    state_dir = cfg.state_dir or (
+        os.path.join(model_dir, "state") if studies.startswith(("http://", "https://")) else os.path.join(studies, ".suprem")
+    )
+    tasks.state_dir = state_dir
+    # Pre-processed volumes on disk, reused by later rounds (scoring and training); keyed by the recipe.
+    cache_dir = (cfg.cache_dir or os.path.join(state_dir, "cache")) if cfg.preprocess_cache else None
     scorer = VolumeScorer(
         cfg.models,
         registry,
@@ -105,13 +112,10 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
         device=cfg.device,
         entropy=cfg.entropy,
         normalise_score=cfg.normalise_score,
+        cache_dir=cache_dir,
     )
     tasks.scorer = scorer
     tasks.infers["attention"] = AttentionInfer(scorer)
-    state_dir = cfg.state_dir or (
-        os.path.join(model_dir, "state") if studies.startswith(("http://", "https://")) else os.path.join(studies, ".suprem")
-    )
-    tasks.state_dir = state_dir
     if not cfg.skip_trainers:
         # Only backbones with weights: fine-tuning one from nothing would publish an untrained model.
         for b in [m for m in cfg.models if registry.available(m)]:
@@ -128,9 +132,15 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
                 val_fraction=cfg.val_fraction,
                 label_map=cfg.train_label_map,
                 amp=cfg.train_amp,
+                cache_dir=cache_dir,
             )
     if not cfg.skip_scoring:
-        tasks.scoring["importance"] = ImportanceScoring(scorer)
+        ray_options = (
+            dict(address=cfg.ray_address, workers=cfg.ray_workers, gpus_per_worker=cfg.ray_gpus_per_worker)
+            if cfg.scoring_engine == "ray"
+            else {}
+        )
+        tasks.scoring["importance"] = ImportanceScoring(scorer, engine=make_engine(scorer, cfg.scoring_engine, **ray_options))
     if not cfg.skip_strategies:
         tasks.strategies.update(
             {"importance": ImportanceStrategy(hold_s=cfg.hold_s), "random": Random(), "first": First()}

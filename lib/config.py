@@ -73,6 +73,12 @@ class AppConfig:
     val_fraction: float
     round_every_labels: int
     round_interval_s: float
+    preprocess_cache: bool = True
+    cache_dir: Optional[str] = None
+    scoring_engine: str = "inprocess"
+    ray_address: Optional[str] = None
+    ray_workers: int = 0
+    ray_gpus_per_worker: Optional[float] = None
 
 
 def _label_map(value: Optional[str]) -> Optional[Dict[int, int]]:
@@ -146,6 +152,12 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         val_fraction=_number(conf, "val_fraction", float, 0.2),
         round_every_labels=_number(conf, "round_every_labels", int, 0),
         round_interval_s=_number(conf, "round_interval_s", float, 0.0),
+        preprocess_cache=_bool(conf, "preprocess_cache", True),
+        cache_dir=conf.get("cache_dir") or None,
+        scoring_engine=_choice(conf, "scoring_engine", ("inprocess", "ray")),
+        ray_address=conf.get("ray_address") or None,
+        ray_workers=_number(conf, "ray_workers", int, 0),
+        ray_gpus_per_worker=_number(conf, "ray_gpus_per_worker", float, None),
     )
 
 
@@ -157,4 +169,6 @@ def conf_summary(cfg: AppConfig) -> Dict:
         "recipe": cfg.recipe.as_dict(),
         "use_pretrained_model": cfg.use_pretrained_model,
         "weights_dir": cfg.weights_dir,
+        "scoring_engine": cfg.scoring_engine,
+        "preprocess_cache": cfg.preprocess_cache,
     }

@@ -39,6 +39,7 @@ class NetworkCache:
     def __init__(self):
         self._nets: Dict[Tuple[str, str], Tuple[Tuple[int, int], torch.nn.Module]] = {}
         self._lock = threading.Lock()
+        self.loads = 0  # networks built and loaded from a file so far
 
     def get(self, backbone: str, path: str, device: torch.device) -> torch.nn.Module:
         st = os.stat(path)
@@ -52,6 +53,7 @@ class NetworkCache:
             load_checkpoint(net, path)
             net = net.to(device).eval()
             self._nets[key] = (stamp, net)
+            self.loads += 1
             logger.info(f"Loaded {backbone} from {path} on {device}")
             return net
 

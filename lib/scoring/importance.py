@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Dict
@@ -11,25 +10,12 @@ from typing import Dict
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.errors import describe_error
+from lib.scoring.engine import InProcessEngine, file_stamp, is_current
 from lib.scoring.volume import VolumeScorer
 
 logger = logging.getLogger(__name__)
 
 INFO_KEY = "importance"
-
-
-def file_stamp(path: str) -> Dict:
-    try:
-        st = os.stat(path)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    except OSError:
-        return {}
-
-
-def is_current(record: Dict, versions: Dict[str, str], stamp: Dict) -> bool:
-    """A stored record (score or error) was made by the model files in use now, on this very file."""
-    return bool(record) and record.get("models") == versions and record.get("file") == stamp
 
 
 class ImportanceScoring(ScoringMethod):
@@ -39,11 +25,13 @@ class ImportanceScoring(ScoringMethod):
     attention volume per organ (mL), and the model files (versions) that produced them. An image
     already scored by the current models is skipped; a corrupt image is recorded with its error and
     skipped; the run goes on. Runs never overlap (a second call waits for the first).
+    ``engine``: where the volumes are scored (``lib.scoring.engine``: in this process, or on Ray).
     """
 
-    def __init__(self, scorer: VolumeScorer, on_done=None):
+    def __init__(self, scorer: VolumeScorer, on_done=None, engine=None):
         super().__init__("AbdomenAtlas-8K importance: uncertainty, inconsistency and overlap attention")
         self.scorer = scorer
+        self.engine = engine or InProcessEngine(scorer)
         self.on_done = on_done
         self._lock = threading.Lock()
         self.last_run: Dict = {}
@@ -64,35 +52,41 @@ class ImportanceScoring(ScoringMethod):
         versions = self.scorer.versions()
         todo = sorted(datastore.get_unlabeled_images())
         force = str(request.get("force", "false")).lower() == "true"
-        n, scored, skipped, failed = len(todo), 0, 0, 0
+        n, skipped = len(todo), 0
+        counts = {"scored": 0, "failed": 0}
         start = time.time()
-        for i, image_id in enumerate(todo, 1):
+        jobs = []
+        for image_id in todo:
             info = datastore.get_image_info(image_id)
             path = datastore.get_image_uri(image_id)
-            stamp = file_stamp(path)
-            if not force and is_current(info.get(INFO_KEY, {}), versions, stamp):
+            if not force and is_current(info.get(INFO_KEY, {}), versions, file_stamp(path)):
                 skipped += 1
-                continue
-            t0 = time.time()
-            try:
-                record, _ = self.scorer.score_file(path)
-                scored += 1
-            except Exception as e:  # a bad study must not stop the run
-                record = {"error": describe_error(e)[:500], "models": versions}
-                failed += 1
-                logger.error(f"importance {i}/{n} {image_id}: {record['error']}")
-            record["file"] = stamp
+            else:
+                jobs.append((image_id, path))
+
+        def store(image_id: str, record: Dict):
+            # Stored as each volume finishes: an interrupted run keeps what it scored.
             datastore.update_image_info(image_id, {INFO_KEY: record})
-            if "error" not in record:
+            done = counts["scored"] + counts["failed"] + 1
+            if "error" in record:
+                counts["failed"] += 1
+                logger.error(f"importance {done}/{len(jobs)} {image_id}: {record['error']}")
+            else:
+                counts["scored"] += 1
                 logger.info(
-                    f"importance {i}/{n} {image_id}: score {record['score']} "
-                    f"top {record['organs'][:3]} ({time.time() - t0:.1f} s)"
+                    f"importance {done}/{len(jobs)} {image_id}: score {record['score']} "
+                    f"top {record['organs'][:3]} ({record.get('seconds', 0):.1f} s)"
                 )
+
+        summary = self.engine.run(jobs, store)
+        scored, failed = counts["scored"], counts["failed"]
         self.last_run = {
             "scored": scored,
             "skipped": skipped,
             "failed": failed,
             "images": n,
+            "engine": summary.get("engine"),
+            "lost": summary.get("lost", []) + summary.get("not_started", []),
             "models": versions,
             "seconds": round(time.time() - start, 1),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

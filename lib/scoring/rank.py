@@ -20,7 +20,7 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
-from lib.scoring.importance import file_stamp, is_current
+from lib.scoring.engine import ENGINES, InProcessEngine, file_stamp, is_current, make_engine
 
 logger = logging.getLogger("lib.scoring.rank")
 
@@ -74,11 +74,15 @@ def write_csv(path: str, records: Dict[str, Dict]) -> None:
     os.replace(tmp, path)
 
 
-def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True) -> Dict[str, Dict]:
-    """Score every study of ``folder`` not already scored by the current models; write the CSV."""
-    from lib.errors import describe_error
+def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True, engine=None) -> Dict[str, Dict]:
+    """Score every study of ``folder`` not already scored by the current models; write the CSV.
+
+    ``engine``: where volumes are scored (``lib.scoring.engine``; default: in this process). The
+    summary of the last run (workers, volumes lost by dead workers) is left in ``rank_folder.last``.
+    """
     from lib.weights.registry import write_json_atomic
 
+    engine = engine or InProcessEngine(scorer)
     parts = out_csv + ".parts"
     os.makedirs(parts, exist_ok=True)
     files = study_files(folder)
@@ -91,29 +95,34 @@ def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True) -> Dic
             records[image_id] = rec
         else:
             todo.append(image_id)
-    logger.info(f"{len(files)} studies, {len(records)} already scored, {len(todo)} to score")
+    logger.info(f"{len(files)} studies, {len(records)} already scored, {len(todo)} to score ({engine.name})")
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="volume", desc="scoring")
-    for image_id in todo:
-        path = files[image_id]
-        try:
-            rec, _ = scorer.score_file(path)
-        except Exception as e:  # one bad study must not stop the run
-            rec = {"error": describe_error(e)[:500], "models": versions}
-            logger.error(f"{image_id}: {rec['error']}")
-        rec["file"] = file_stamp(path)
+
+    def store(image_id: str, rec: Dict):
         write_json_atomic(record_path(parts, image_id), rec)
         records[image_id] = rec
+        if "error" in rec:
+            logger.error(f"{image_id}: {rec['error']}")
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{image_id} {rec.get('score', 'error')}")
+
+    summary = engine.run([(i, files[i]) for i in todo], store)
     if bar is not None:
         bar.close()
+    missing = summary.get("lost", []) + summary.get("not_started", [])
+    if missing:
+        logger.error(f"{len(missing)} volumes not scored (workers lost): {', '.join(missing[:20])}; run again to score them")
+    rank_folder.last = dict(summary, scored_now=len(todo) - len(missing))
     write_csv(out_csv, records)
     return records
+
+
+rank_folder.last = {}
 
 
 def build_scorer(args):
@@ -132,7 +141,13 @@ def build_scorer(args):
         registry.resolve(b)
     recipe = PRESETS[args.preset].with_overrides(overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp)
     scorer = VolumeScorer(
-        models, registry, label_set(args.labels), recipe, device=args.device, entropy=args.entropy
+        models,
+        registry,
+        label_set(args.labels),
+        recipe,
+        device=args.device,
+        entropy=args.entropy,
+        cache_dir=args.cache_dir or None,
     )
     if not scorer.active():
         raise SystemExit(f"no weights for {', '.join(models)}: pass --weights-dir or --model-dir")
@@ -156,6 +171,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default=None, choices=("none", "fp16", "bf16"))
     p.add_argument("--entropy", default="positive", choices=("positive", "binary"))
     p.add_argument("--device", default=None)
+    p.add_argument("--cache-dir", default=None,
+                   help="keep pre-processed volumes here for the next run (keyed by recipe and file)")
+    p.add_argument("--engine", default="inprocess", choices=ENGINES,
+                   help="inprocess, or ray: one Ray worker per GPU (or CPU core), local unless --ray-address")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (auto, ray://host:10001)")
+    p.add_argument("--workers", type=int, default=0, help="Ray workers (default: GPUs, else CPU cores)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when Ray has GPUs, else 0")
+    p.add_argument("--retries", type=int, default=1, help="Ray: restarts of a dead worker and retries of its volume")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -164,9 +187,23 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     scorer = build_scorer(args)
-    records = rank_folder(scorer, args.studies, args.out, progress=not args.no_progress)
+    engine = make_engine(
+        scorer,
+        args.engine,
+        **(
+            dict(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                 retries=args.retries)
+            if args.engine == "ray"
+            else {}
+        ),
+    )
+    records = rank_folder(scorer, args.studies, args.out, progress=not args.no_progress, engine=engine)
     n_ok = sum(1 for r in records.values() if "score" in r)
-    print(f"{n_ok} of {len(records)} volumes scored; priority list: {args.out}")
+    missing = rank_folder.last.get("lost", []) + rank_folder.last.get("not_started", [])
+    print(f"{n_ok} of {len(study_files(args.studies))} volumes scored; priority list: {args.out}")
+    if missing:
+        print(f"{len(missing)} volumes were lost with their workers; run the same command again to score them")
+        return 3
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,10 +18,49 @@ from lib.classes import CLASS_INDEX
 from lib.infers.predictor import NetworkCache, sliding_window_probs
 from lib.strategies.attention import AttentionResult, compute_attention
 from lib.transforms.labels import organ_masks
+from lib.transforms.cache import open_cache
 from lib.transforms.recipe import Recipe, inference_pre_transforms
 from lib.weights.registry import WeightsRegistry, file_version
 
 logger = logging.getLogger(__name__)
+
+
+class FixedWeights:
+    """The registry interface VolumeScorer uses, over a fixed ``{backbone: model file}``."""
+
+    def __init__(self, weights: Dict[str, str]):
+        self.weights = dict(weights)
+
+    def available(self, backbone: str) -> bool:
+        return backbone in self.weights
+
+    def current_path(self, backbone: str) -> Optional[str]:
+        return self.weights.get(backbone)
+
+
+@dataclass
+class ScorerSpec:
+    """A picklable description of a VolumeScorer: model files, labels, recipe and options."""
+
+    backbones: List[str]
+    weights: Dict[str, str]
+    labels: List[str]
+    recipe: Recipe
+    entropy: str = "positive"
+    normalise_score: bool = False
+    cache_dir: Optional[str] = None
+
+    def build(self, device: Optional[str] = None) -> "VolumeScorer":
+        return VolumeScorer(
+            self.backbones,
+            FixedWeights(self.weights),
+            self.labels,
+            self.recipe,
+            device=device,
+            entropy=self.entropy,
+            normalise_score=self.normalise_score,
+            cache_dir=self.cache_dir,
+        )
 
 
 class VolumeScorer:
@@ -40,6 +80,7 @@ class VolumeScorer:
         device: Optional[str] = None,
         entropy: str = "positive",
         normalise_score: bool = False,
+        cache_dir: Optional[str] = None,
     ):
         self.backbones = list(backbones)
         self.registry = registry
@@ -51,6 +92,9 @@ class VolumeScorer:
         self.entropy = entropy
         self.normalise_score = normalise_score
         self._pre = Compose(inference_pre_transforms(recipe))
+        # Pre-processed volumes on disk, reused by the next round's re-scoring (None: off).
+        self.cache_dir = cache_dir
+        self._cache = open_cache(cache_dir, "score", recipe.preprocessing_key())
 
     def active(self) -> List[str]:
         return [b for b in self.backbones if self.registry.available(b)]
@@ -60,7 +104,21 @@ class VolumeScorer:
         return {b: file_version(self.registry.current_path(b)) for b in self.active()}
 
     def preprocess(self, path: str):
-        return self._pre({"image": path})["image"]
+        if self._cache is None:
+            return self._pre({"image": path})["image"]
+        return self._cache.dataset([{"image": path}], self._pre)[0]["image"]
+
+    def spec(self) -> "ScorerSpec":
+        """What another process needs to build this scorer with the model files in use now."""
+        return ScorerSpec(
+            backbones=self.active(),
+            weights={b: self.registry.current_path(b) for b in self.active()},
+            labels=self.labels,
+            recipe=self.recipe,
+            entropy=self.entropy,
+            normalise_score=self.normalise_score,
+            cache_dir=self.cache_dir,
+        )
 
     def probabilities(self, image) -> torch.Tensor:
         """(M, C, X, Y, Z) sigmoid probabilities of the active backbones on the working grid."""

@@ -8,6 +8,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from monai.data import partition_dataset
 from monai.handlers import from_engine
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.losses import DiceCELoss
@@ -18,6 +19,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib.classes import CLASS_INDEX
 from lib.networks import build_network, load_checkpoint, save_checkpoint
 from lib.trainers.split import persistent_split
+from lib.transforms.cache import open_cache
 from lib.transforms.recipe import Recipe, training_transforms
 from lib.weights import WeightsRegistry
 from lib.weights.registry import file_version, write_json_atomic
@@ -63,6 +65,7 @@ class SuPreMTrainer(BasicTrainTask):
         description: str = "",
         publish_to: Optional[str] = None,
         amp: str = "bf16",
+        cache_dir: Optional[str] = None,
     ):
         self.backbone = backbone
         self.registry = registry
@@ -75,6 +78,8 @@ class SuPreMTrainer(BasicTrainTask):
         self.label_map = label_map
         self.val_fraction = val_fraction
         self.last_result: Dict = {}
+        # Pre-processed (resampled) volumes kept on disk across rounds and backbones (None: in memory only).
+        self.cache_dir = cache_dir
         self.publish_to = publish_to or registry.published_path(backbone)
         if amp not in ("none", "fp16", "bf16"):
             raise ValueError(f"amp must be none, fp16 or bf16; got {amp!r}")
@@ -179,6 +184,27 @@ class SuPreMTrainer(BasicTrainTask):
                 output_transform=from_engine(["pred", "label"]), include_background=True, reduction="mean_batch"
             )
         }
+
+    def _dataset(self, context, datalist, is_train, replace_rate=0.25):
+        if not self.cache_dir:
+            return super()._dataset(context, datalist, is_train, replace_rate)
+        if context.multi_gpu:  # each rank takes its share, as MONAI Label's own _dataset does
+            world_size = torch.distributed.get_world_size()
+            if len(datalist) // world_size:
+                datalist = partition_dataset(data=datalist, num_partitions=world_size, even_divisible=True)[
+                    context.local_rank
+                ]
+        pre = self.train_pre_transforms(context) if is_train else self.val_pre_transforms(context)
+        transforms = self._validate_transforms(pre, "Training" if is_train else "Validation", "pre")
+        cache = open_cache(
+            self.cache_dir,
+            "train" if is_train else "val",
+            self.recipe.preprocessing_key(),
+            roi=list(self._roi(context)),
+            classes=self.class_indices,
+            label_map=self.label_map,
+        )
+        return cache.dataset(datalist, transforms), datalist
 
     def partition_datalist(self, context: Context, shuffle=False):
         train, val = persistent_split(context.datalist, self.split_file, self.val_fraction)

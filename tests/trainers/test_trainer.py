@@ -29,7 +29,7 @@ def _studies(folder, seeds):
     return LocalDatastore(str(folder), extensions=("*.nii.gz",), auto_reload=False)
 
 
-def _trainer(tmp_path, registry):
+def _trainer(tmp_path, registry, cache_dir=None):
     return SuPreMTrainer(
         "segresnet",
         registry,
@@ -41,6 +41,7 @@ def _trainer(tmp_path, registry):
         max_epochs=1,
         num_samples=1,
         val_fraction=0.34,
+        cache_dir=cache_dir,
     )
 
 
@@ -57,7 +58,11 @@ def test_training_publishes_a_released_format_model_that_differs_from_the_start(
     ds = _studies(tmp_path / "studies", [1, 2, 3])
     start = build_network("segresnet")
     load_checkpoint(start, registry.current_path("segresnet"))
-    result = _trainer(tmp_path, registry)({"name": "t1", "device": "cpu"}, ds)
+    cache = tmp_path / "cache"
+    result = _trainer(tmp_path, registry, str(cache))({"name": "t1", "device": "cpu"}, ds)
+    # The resampled volumes stay on disk for the next round: 2 training and 1 validation image.
+    assert [len(os.listdir(d)) for d in (cache / "train").iterdir()] == [2]
+    assert [len(os.listdir(d)) for d in (cache / "val").iterdir()] == [1]
 
     published = registry.published_path("segresnet")
     assert result["published"] == published and registry.current_path("segresnet") == published

@@ -1,0 +1,240 @@
+"""Where volumes are scored: in this process, or on Ray workers (a local Ray or an existing cluster).
+
+Both engines run the same per-volume step, ``score_one`` (pre-process, every backbone, attention,
+record), and hand each record to the caller's ``on_result`` as soon as it is made, so the caller
+(the server's scoring method or the offline ranking) stores it at once: a crash loses only the
+volumes in flight.
+
+``RayEngine``: one Ray actor per worker, each holding one GPU (or ``cpus_per_worker`` CPUs) and the
+backbones loaded once; each worker has one volume at a time, and gets the next as it finishes. A
+worker that dies (killed, preempted, out of memory) is restarted and its volume retried
+``retries`` times; after that the volume is reported as lost (no record is written, so a re-run scores
+it). ``ray.init()`` starts a local Ray on this machine unless ``address`` names a cluster to join
+(``auto``, or ``ray://host:10001``); the workers there must see the same paths (studies, weights,
+this code).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from lib.errors import describe_error
+
+logger = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENGINES = ("inprocess", "ray")
+
+Job = Tuple[str, str]  # (image id, image file)
+OnResult = Callable[[str, Dict], None]
+
+
+def file_stamp(path: str) -> Dict:
+    try:
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError:
+        return {}
+
+
+def is_current(record: Dict, versions: Dict[str, str], stamp: Dict) -> bool:
+    """A stored record (score or error) was made by the model files in use now, on this very file."""
+    return bool(record) and record.get("models") == versions and record.get("file") == stamp
+
+
+def score_one(scorer, path: str) -> Dict:
+    """Score one volume; a study that cannot be scored gives a record with its error instead."""
+    stamp = file_stamp(path)  # before reading: a file replaced meanwhile is scored again next time
+    try:
+        record, _ = scorer.score_file(path)
+    except Exception as e:  # one bad study must not stop a run
+        record = {"error": describe_error(e)[:500], "models": scorer.versions()}
+    record["file"] = stamp
+    return record
+
+
+class InProcessEngine:
+    """Scores the volumes one after the other in this process."""
+
+    name = "inprocess"
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def run(self, jobs: Sequence[Job], on_result: OnResult) -> Dict:
+        for image_id, path in jobs:
+            on_result(image_id, score_one(self.scorer, path))
+        return {"engine": self.name, "workers": 1, "lost": [], "not_started": []}
+
+
+class ScoringWorker:
+    """A Ray actor: builds the scorer once (backbones loaded on first use, then kept) and scores volumes."""
+
+    def __init__(self, spec, threads: int = 0):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        # Ray hides the GPUs an actor did not ask for (CUDA_VISIBLE_DEVICES), so this is its own GPU or none.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.scorer = spec.build(self.device)
+        self.volumes = 0
+        self.started = time.time()
+
+    def where(self) -> Dict:
+        return {"pid": os.getpid(), "node": os.uname().nodename, "device": self.device}
+
+    def score(self, path: str) -> Dict:
+        record = score_one(self.scorer, path)
+        self.volumes += 1
+        return record
+
+    def stats(self) -> Dict:
+        return {
+            "pid": os.getpid(),
+            "node": os.uname().nodename,
+            "device": self.device,
+            "volumes": self.volumes,
+            "networks_loaded": self.scorer.cache.loads,
+            "seconds": round(time.time() - self.started, 1),
+        }
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
+    """Join the Ray cluster at ``address``, or start a local one; returns the ``ray`` module."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    # Workers import this project's code: put it on their path (a cluster needs the same checkout path).
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    kwargs = dict(
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    logger.info(f"Ray: {ray.cluster_resources()}")
+    return ray
+
+
+class RayEngine:
+    """Scores the volumes on Ray workers; see the module docstring."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        scorer,
+        address: Optional[str] = None,
+        workers: int = 0,
+        gpus_per_worker: Optional[float] = None,
+        cpus_per_worker: int = 1,
+        retries: int = 1,
+    ):
+        self.scorer = scorer
+        self.address = address or None
+        self.workers = int(workers or 0)
+        self.gpus_per_worker = gpus_per_worker
+        self.cpus_per_worker = max(1, int(cpus_per_worker))
+        self.retries = max(0, int(retries))
+        self.actors: List = []
+        self.worker_info: List[Dict] = []
+
+    def _plan(self, ray, n_jobs: int) -> Tuple[int, float]:
+        res = ray.cluster_resources()
+        gpus = self.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+        if self.workers:
+            n = self.workers
+        elif gpus:
+            n = int(res.get("GPU", 0) // gpus)
+        else:
+            n = int(res.get("CPU", 1) // self.cpus_per_worker)
+        return max(1, min(n, n_jobs)), gpus
+
+    def run(self, jobs: Sequence[Job], on_result: OnResult) -> Dict:
+        jobs = list(jobs)
+        if not jobs:
+            return {"engine": self.name, "workers": 0, "lost": [], "not_started": []}
+        ray = init_ray(self.address)
+        from ray.exceptions import RayError
+
+        n, gpus = self._plan(ray, len(jobs))
+        spec = self.scorer.spec()
+        actor_cls = ray.remote(ScoringWorker).options(
+            num_cpus=self.cpus_per_worker,
+            num_gpus=gpus,
+            max_restarts=self.retries,
+            max_task_retries=self.retries,
+        )
+        threads = 0 if gpus else self.cpus_per_worker
+        self.actors = [actor_cls.remote(spec, threads) for _ in range(n)]
+        self.worker_info = ray.get([a.where.remote() for a in self.actors])
+        logger.info(
+            f"Ray: {len(jobs)} volumes on {n} workers ({gpus} GPU, {self.cpus_per_worker} CPU each): "
+            + ", ".join(f"{w['node']}:{w['pid']} {w['device']}" for w in self.worker_info)
+        )
+        queue = deque(jobs)
+        pending: Dict = {}
+        alive = set(range(n))
+        lost: List[str] = []
+
+        def submit(i: int):
+            if queue:
+                image_id, path = queue.popleft()
+                pending[self.actors[i].score.remote(path)] = (i, image_id)
+
+        for i in range(n):
+            submit(i)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            i, image_id = pending.pop(ref)
+            try:
+                record = ray.get(ref)
+            except RayError as e:
+                # The worker died with this volume (after Ray's restarts and retries): the volume is lost.
+                lost.append(image_id)
+                logger.error(f"Ray worker {i} lost {image_id}: {describe_error(e).splitlines()[0][:300]}")
+                if self.retries == 0:
+                    alive.discard(i)  # not restartable
+                    if not alive:
+                        logger.error(f"no Ray worker left; {len(queue)} volumes not started")
+                    continue
+                submit(i)
+                continue
+            on_result(image_id, record)
+            submit(i)
+        stats = []
+        for i in sorted(alive):
+            try:
+                stats.append(ray.get(self.actors[i].stats.remote(), timeout=60))
+            except RayError:
+                pass
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        return {
+            "engine": self.name,
+            "workers": n,
+            "lost": lost,
+            "not_started": [image_id for image_id, _ in queue],
+            "worker_stats": stats,
+        }
+
+
+def make_engine(scorer, engine: str = "inprocess", **ray_options):
+    if engine == "inprocess":
+        return InProcessEngine(scorer)
+    if engine == "ray":
+        return RayEngine(scorer, **ray_options)
+    raise ValueError(f"unknown scoring engine {engine!r}: choose one of {', '.join(ENGINES)}")
