@@ -133,6 +133,7 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
                 label_map=cfg.train_label_map,
                 amp=cfg.train_amp,
                 cache_dir=cache_dir,
+                gpus=cfg.train_gpus,
             )
     if not cfg.skip_scoring:
         ray_options = (

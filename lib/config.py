@@ -79,6 +79,7 @@ class AppConfig:
     ray_address: Optional[str] = None
     ray_workers: int = 0
     ray_gpus_per_worker: Optional[float] = None
+    train_gpus: str = "all"
 
 
 def _label_map(value: Optional[str]) -> Optional[Dict[int, int]]:
@@ -158,6 +159,7 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         ray_address=conf.get("ray_address") or None,
         ray_workers=_number(conf, "ray_workers", int, 0),
         ray_gpus_per_worker=_number(conf, "ray_gpus_per_worker", float, None),
+        train_gpus=str(conf.get("train_gpus", "all")),
     )
 
 

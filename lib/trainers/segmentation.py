@@ -66,6 +66,7 @@ class SuPreMTrainer(BasicTrainTask):
         publish_to: Optional[str] = None,
         amp: str = "bf16",
         cache_dir: Optional[str] = None,
+        gpus: str = "all",
     ):
         self.backbone = backbone
         self.registry = registry
@@ -89,7 +90,9 @@ class SuPreMTrainer(BasicTrainTask):
             "num_samples": num_samples,
             "lr": lr,
             "roi": ",".join(str(r) for r in self.roi),
-            "multi_gpu": torch.cuda.device_count() > 1,
+            # Several GPUs: MONAI Label's DDP (one process per GPU, torch.distributed with NCCL).
+            "multi_gpu": torch.cuda.device_count() > 1 and gpus != "0",
+            "gpus": gpus,
             # Caches the deterministic part (load, resample, window) so epochs do not redo it.
             "dataset": "CacheDataset",
             "dataloader": "DataLoader",
@@ -229,6 +232,10 @@ class SuPreMTrainer(BasicTrainTask):
         datalist = datastore.datalist()
         if not datalist:
             raise ValueError("no final labels to train on")
+        if {**self._config, **request}.get("multi_gpu"):
+            # torch.distributed's env:// rendezvous; MONAI Label sets these only for its own child processes.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         result = super().__call__(request, datastore)
         result = dict(result or {})
         published = self._publish(request, result, n_labels=len(datalist), seconds=time.time() - start)
@@ -273,6 +280,14 @@ class SuPreMTrainer(BasicTrainTask):
         )
         logger.info(f"{self.backbone}: published {dest} (version {file_version(dest)})")
         return dest
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class _SelectChannelsd:
