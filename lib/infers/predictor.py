@@ -99,3 +99,23 @@ def sliding_window_probs(
     with torch.no_grad(), autocast(device, recipe.amp):
         logits = inferer(x, model)
     return torch.sigmoid(torch.as_tensor(logits).float())[0]
+
+
+def backbone_probs(
+    cache: NetworkCache,
+    registry,
+    backbones: Sequence[str],
+    image: torch.Tensor,
+    recipe: Recipe,
+    device: torch.device,
+    channels: Optional[Sequence[int]] = None,
+):
+    """Yield (backbone, sigmoid probabilities on the working grid) for each backbone, one at a time.
+
+    The one loop behind the infer tasks (which average) and the scorer (which stacks for the attention).
+    """
+    if not backbones:
+        raise RuntimeError("no backbone has weights loaded")
+    for b in backbones:
+        net = cache.get(b, registry.current_path(b), device)
+        yield b, sliding_window_probs(net, image, recipe, device, channels)

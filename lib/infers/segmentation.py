@@ -11,7 +11,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.classes import CLASS_INDEX
-from lib.infers.predictor import NetworkCache, sliding_window_probs
+from lib.infers.predictor import NetworkCache, backbone_probs
 from lib.transforms import ProbsToLabeld, Recipe, ResampleToInputd, inference_pre_transforms
 from lib.weights import WeightsRegistry
 
@@ -127,10 +127,8 @@ class SuPreMSegmentation(RecipeInferTask):
             raise RuntimeError(f"no weights loaded for {', '.join(self.backbones)}")
         recipe = self.request_recipe(data)
         dev = torch.device(device)
-        total = None
-        for b in backbones:
-            net = self.cache.get(b, self.registry.current_path(b), dev)
-            p = sliding_window_probs(net, image, recipe, dev, self.channels)
+        total = None  # a running sum: one probability volume in memory besides the current one
+        for _, p in backbone_probs(self.cache, self.registry, backbones, image, recipe, dev, self.channels):
             total = p if total is None else total + p
         data["backbones_used"] = backbones
         mean = total / len(backbones)

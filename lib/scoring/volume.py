@@ -15,7 +15,7 @@ import torch
 from monai.transforms import Compose
 
 from lib.classes import CLASS_INDEX
-from lib.infers.predictor import NetworkCache, sliding_window_probs
+from lib.infers.predictor import NetworkCache, backbone_probs
 from lib.strategies.attention import AttentionResult, compute_attention
 from lib.transforms.labels import organ_masks
 from lib.transforms.cache import open_cache
@@ -125,11 +125,8 @@ class VolumeScorer:
         active = self.active()
         if not active:
             raise RuntimeError(f"no weights loaded for {', '.join(self.backbones)}")
-        out = []
-        for b in active:
-            net = self.cache.get(b, self.registry.current_path(b), self.device)
-            out.append(sliding_window_probs(net, image, self.recipe, self.device, self.channels))
-        return torch.stack(out)
+        probs = backbone_probs(self.cache, self.registry, active, image, self.recipe, self.device, self.channels)
+        return torch.stack([p for _, p in probs])
 
     def attention(self, image) -> AttentionResult:
         probs = self.probabilities(image)
