@@ -32,4 +32,24 @@ if ! command -v Orthanc >/dev/null 2>&1 || [ ! -e /usr/share/orthanc/plugins/lib
   fi
 fi
 
+# tests/dicomweb/test_ohif.py opens MONAI Label's OHIF in headless Chromium (Debian package chromium).
+# The same way: installed when missing and this runs as root; otherwise one line, and those tests skip.
+install_chromium() {
+  local log
+  log="$(mktemp -t chromium-apt.XXXXXX.log)"
+  if DEBIAN_FRONTEND=noninteractive apt-get update -q >"$log" 2>&1 &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >>"$log" 2>&1; then
+    rm -f "$log"
+  else
+    echo "Chromium install failed (see $log): the OHIF tests will skip"
+  fi
+}
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    install_chromium
+  else
+    echo "Chromium is not installed and cannot be here (needs root and apt-get): the OHIF tests will skip"
+  fi
+fi
+
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
