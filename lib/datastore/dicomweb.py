@@ -30,6 +30,9 @@ def _segment_info(names: Mapping[int, str], values) -> list:
         if color:
             entry["color"] = list(color)[:3]
         info.append(entry)
+    if info:
+        # MONAI Label takes the SEG's series description from the first entry (else "AIName").
+        info[0]["model_name"] = "SuPreM revised label"
     return info
 
 

@@ -195,7 +195,7 @@ def saved(client, server, orthanc, inferred, reference_label, tmp_path_factory):
 
 def test_a_final_label_is_stored_in_orthanc_as_dicom_seg(saved, orthanc):
     seg = saved["seg"]
-    assert seg.Modality == "SEG"
+    assert seg.Modality == "SEG" and seg.SeriesDescription == "SuPreM revised label"
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
     assert seg.StudyInstanceUID == orthanc.study_uid  # filed under the image's study
     assert seg.SeriesInstanceUID != orthanc.series_uid
