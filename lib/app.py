@@ -12,6 +12,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.classes import label_dict
 from lib.config import AppConfig, conf_summary, parse_conf
+from lib.datastore import labeled_images_now
 from lib.infers.attention import AttentionInfer
 from lib.infers.predictor import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
@@ -60,7 +61,7 @@ class Tasks:
             one_round,
             every_labels=self.cfg.round_every_labels,
             interval_s=self.cfg.round_interval_s,
-            list_labels=lambda: datastore().get_labeled_images(),
+            list_labels=lambda: labeled_images_now(datastore()),  # as saved now, by any process
         )
         if backbone_trainers:
             self.trainers["round"] = RoundTrainTask(self.rounds.trigger, self.rounds.info)

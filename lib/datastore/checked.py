@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, List
 
 import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.exception import ImageNotFoundException
 
 from lib.errors import refuse_path_characters
 
@@ -59,12 +65,28 @@ def check_label(image_path: str, label_path: str, allowed: Iterable[int], allow_
     return {"values": [int(v) for v in values if v], "voxels": n}
 
 
+def labeled_images_now(datastore) -> List[str]:
+    """Ids of the images with a final label as the store holds them now, not as this process last read
+    them: rounds run in MONAI Label's train subprocess while the server saves labels."""
+    if hasattr(datastore, "forget_cached_lists"):  # DICOMweb: the labelled-series list is cached
+        datastore.forget_cached_lists()
+    elif isinstance(datastore, LocalDatastore):
+        datastore.refresh()
+    return datastore.get_labeled_images()
+
+
 class CheckedLocalDatastore(LocalDatastore):
     """LocalDatastore whose ``save_label`` checks the label against its image first, and which takes no
     image id or label tag that names a path (MONAI Label joins both onto the studies folder).
 
     A refused label raises HTTP 422 with the reason (400 for a path) and leaves the datastore exactly
     as it was.
+
+    Several processes write one datastore file: the server saves labels while MONAI Label's train
+    subprocess (a round) stores importance scores. MONAI Label writes its in-memory copy whole, so a
+    writer whose copy is older than the file erases what the other wrote (labels saved during a round
+    vanished from the record when the round stored its scores). Here every change is made under the
+    file lock on the file's current content.
     """
 
     def __init__(self, *args, allowed_labels: Iterable[int] = (), **kwargs):
@@ -88,4 +110,44 @@ class CheckedLocalDatastore(LocalDatastore):
             logger.warning(f"label for {image_id!r} refused: {e}")
             raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
         label_info = dict(label_info or {}, checked=summary)
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        label_dir = self._datastore.label_path(label_tag)
+        with self._writing():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFoundException(f"Image {image_id} not found")
+            os.makedirs(label_dir, exist_ok=True)
+            shutil.copy(label_filename, os.path.join(label_dir, self._filename(image_id, label_ext)))
+            label_info.update({"ts": int(time.time()), "name": self._filename(image_id, label_ext)})
+            obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
+        logger.info(f"label {label_tag!r} saved for {image_id!r}: {summary}")
+        return image_id
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        with self._writing():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise ImageNotFoundException(f"Image {image_id} not found")
+            obj.image.info.update(info)
+
+    @contextmanager
+    def _writing(self):
+        """Hold the datastore lock, start from the file as it is now, and write the change back."""
+        with FileLock(self._lock_file):
+            self._reload_if_changed()
+            yield
+            self._update_datastore_file(lock=False)
+
+    def _reload_if_changed(self) -> None:
+        """MONAI Label's reload from the datastore file when another writer changed it (caller holds the
+        lock; MONAI Label's own reload takes it and would wait on us)."""
+        path = self._datastore_config_path
+        if not os.path.exists(path):
+            return
+        ts = os.stat(path).st_mtime
+        if ts == self._config_ts:
+            return
+        with open(path) as f:
+            model = LocalDatastoreModel.model_validate_json(f.read())
+        model.base_path = self._datastore_path
+        self._datastore, self._config_ts = model, ts

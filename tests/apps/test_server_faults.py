@@ -1,0 +1,132 @@
+"""Faults under load through a real server: 16 annotators submit labels at once while a round trains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+
+from lib.data.phantoms import make_phantom, write_phantom
+from lib.weights import RELEASED_FILES
+from support import REPO, Server, write_synthetic_checkpoint
+
+pytestmark = pytest.mark.server
+
+N_CLIENTS = 16
+CONF = {
+    "models": "segresnet",
+    "use_pretrained_model": "false",
+    "overlap": "0",
+    "train_roi": "32",
+    "train_epochs": "1",
+    "train_num_samples": "1",
+    "val_fraction": "0.2",
+    # The 16 saves during round 1 ask for the next round: it runs right after, in the same process.
+    "round_every_labels": str(N_CLIENTS),
+}
+
+
+def _rounds(client):
+    return client.info()["suprem"]["rounds"]
+
+
+def _wait(what, predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_next_round(tmp_path):
+    studies, truth = tmp_path / "studies", {}
+    for i in range(N_CLIENTS + 2):
+        ph = make_phantom(300 + i, shape=(32, 32, 24), spacing_mm=(3.0, 3.0, 4.0))
+        name = f"ph_{i:02d}"
+        write_phantom(ph, str(studies), name, None)
+        truth[name] = tmp_path / "sent" / f"{name}.nii.gz"
+        truth[name].parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(ph.label, ph.affine), str(truth[name]))
+    write_synthetic_checkpoint("segresnet", str(tmp_path / "weights" / RELEASED_FILES["segresnet"]))
+    conf = dict(CONF, weights_dir=str(tmp_path / "weights"), model_dir=str(tmp_path / "model"))
+    first, during = sorted(truth)[:2], sorted(truth)[2:]
+
+    srv = Server(str(studies), conf, str(tmp_path)).wait_ready()
+    try:
+        client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
+        for name in first:
+            client.save_label(name, str(truth[name]), tag="final")
+        # Round 1 on demand, with the command the README gives.
+        cli = subprocess.run(
+            [sys.executable, "-m", "lib.rounds", "start", "--server", srv.url],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+        assert cli.returncode == 0, cli.stderr
+        _wait("round 1 to train", lambda: (tmp_path / "model" / "train_segresnet" / "round_001").exists(), 300)
+        current = _rounds(client)["current"]
+        assert current and current["round"] == 1 and current["labels_used"] == 2, current
+
+        barrier, errors, lock = threading.Barrier(N_CLIENTS), [], threading.Lock()
+
+        def annotator(name):
+            mine = MONAILabelClient(srv.url, tmpdir=str(tmp_path / "clients" / name))
+            barrier.wait()
+            try:
+                mine.save_label(name, str(truth[name]), tag="final")
+            except Exception as e:  # collected: every save must succeed
+                with lock:
+                    errors.append((name, repr(e)))
+
+        for name in during:
+            (tmp_path / "clients" / name).mkdir(parents=True)
+        threads = [threading.Thread(target=annotator, args=(n,)) for n in during]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        still = _rounds(client)["current"]
+        assert still and still["round"] == 1, f"round 1 ended before the saves were in: {still}"
+
+        # Every label is on disk, byte for byte what was sent, and on its image's grid.
+        for name in first + during:
+            saved = studies / "labels" / "final" / f"{name}.nii.gz"
+            assert saved.read_bytes() == truth[name].read_bytes(), name
+            img = nib.load(str(studies / f"{name}.nii.gz"))
+            assert nib.load(str(saved)).shape == img.shape
+
+        last = _wait(
+            "round 2",
+            lambda: (lambda r: r if r.get("round", 0) >= 2 and r.get("status") in ("done", "failed") else None)(
+                _rounds(client).get("last") or {}
+            ),
+            900,
+        )
+        log = json.load(open(studies / ".suprem" / "rounds" / "rounds.json"))
+        by_round = {e["round"]: e for e in log}
+        assert by_round[1]["status"] == "done", by_round[1]
+        assert by_round[1]["label_ids"] == first
+        r2 = by_round[2]
+        assert r2["status"] == "done" and r2["trigger"] == "labels", r2
+        missing = sorted(set(first + during) - set(r2["label_ids"]))
+        assert not missing, f"labels saved during round 1 that round 2 did not train on: {missing}"
+        assert r2["labels_used"] == N_CLIENTS + 2 and last["round"] == 2
+
+        # The datastore record of every label survives the round (its process writes the same file).
+        record = json.load(open(studies / "datastore_v2.json"))["objects"]
+        for name in first + during:
+            final = record[name]["labels"].get("final")
+            assert final and final["info"].get("checked", {}).get("voxels", 0) > 0, (name, record[name]["labels"])
+        listed = client.datastore()["objects"]
+        assert all("final" in listed[n]["labels"] for n in first + during)
+    finally:
+        srv.stop()

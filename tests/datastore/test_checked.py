@@ -1,0 +1,54 @@
+"""The checked local datastore, used from two processes at once: the server and a round's subprocess."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+from lib.datastore import CheckedLocalDatastore, labeled_images_now
+
+
+def _studies(tmp_path, n=3):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    affine = np.diag([3.0, 3.0, 4.0, 1.0])
+    for i in range(n):
+        nib.save(nib.Nifti1Image(np.full((16, 16, 12), -1000, np.int16), affine), str(studies / f"im{i}.nii.gz"))
+    label = np.zeros((16, 16, 12), np.uint8)
+    label[4:10, 4:10, 3:8] = 6
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "label.nii.gz"))
+    return studies, str(tmp_path / "label.nii.gz")
+
+
+def _open(studies):
+    # Two instances on one folder behave as two processes do: each has its own copy of the record.
+    return CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], allowed_labels=range(1, 26))
+
+
+def test_a_stale_writer_does_not_erase_a_label_saved_by_another_process(tmp_path):
+    studies, label = _studies(tmp_path)
+    server, round_process = _open(studies), _open(studies)
+    server.save_label("im0", label, "final", {"client_id": "annotator-1"})
+    # The round's copy predates the save; it stores a score as the importance scoring does.
+    round_process.update_image_info("im1", {"importance": {"score": 7}})
+    record = json.load(open(studies / "datastore_v2.json"))["objects"]
+    assert record["im0"]["labels"]["final"]["info"]["client_id"] == "annotator-1"
+    assert record["im0"]["labels"]["final"]["info"]["checked"]["voxels"] == 6 * 6 * 5
+    assert record["im1"]["image"]["info"]["importance"] == {"score": 7}
+    # And the other way round: the server's next save keeps the round's score.
+    server.save_label("im2", label, "final", {})
+    record = json.load(open(studies / "datastore_v2.json"))["objects"]
+    assert record["im1"]["image"]["info"]["importance"] == {"score": 7}
+    assert set(k for k, v in record.items() if v["labels"].get("final")) == {"im0", "im2"}
+
+
+def test_labeled_images_now_sees_labels_saved_by_another_process(tmp_path):
+    studies, label = _studies(tmp_path)
+    server, round_process = _open(studies), _open(studies)
+    assert labeled_images_now(round_process) == []
+    server.save_label("im0", label, "final", {})
+    assert round_process.get_labeled_images() == [], "a plain read is this process's copy"
+    assert labeled_images_now(round_process) == ["im0"]
+    assert "checked" in round_process.get_label_info("im0", "final")
