@@ -71,6 +71,15 @@ class SuPreMApp(MONAILabelApp):
         meta.update(self.tasks.info())
         return meta
 
+    def async_scoring(self, method, params=None):
+        # MONAI Label queues a scoring run after every Next Sample. A run still waiting in the queue will
+        # see everything a new one would, so 16 annotators asking at once start one run, not 16.
+        from monailabel.utils.async_tasks.utils import tasks
+
+        if self._server_mode and any(t.get("status") == "SUBMITTED" for t in tasks("scoring")):
+            return {}
+        return super().async_scoring(method, params)
+
     def infer(self, request, datastore=None):
         ds = datastore or self.datastore()
         checked_model(self._infers, request.get("model"))

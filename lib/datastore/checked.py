@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from contextlib import contextmanager
@@ -129,6 +132,48 @@ class CheckedLocalDatastore(LocalDatastore):
             if not obj:
                 raise ImageNotFoundException(f"Image {image_id} not found")
             obj.image.info.update(info)
+
+    def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        """MONAI Label's answer (a copy of the info, plus the image's path), copied through pickle:
+        ``copy.deepcopy`` of a scored image's info costs ~0.4 ms, and MONAI Label's random strategy asks
+        for every image's info on every request."""
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            return {}
+        try:
+            info = pickle.loads(pickle.dumps(obj.image.info, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:  # something pickle cannot take: MONAI Label's way
+            info = copy.deepcopy(obj.image.info)
+        name = self._filename(image_id, obj.image.ext)
+        info["path"] = os.path.realpath(os.path.join(self._datastore.image_path(), name))
+        return info
+
+    def peek_image_info(self, image_id: str) -> Dict[str, Any]:
+        """The image's info as held in memory, not copied: for readers that only look (a strategy ranking
+        1,000 images per request; ``get_image_info`` deep-copies each one). Do not modify it."""
+        obj = self._datastore.objects.get(image_id)
+        return obj.image.info if obj else {}
+
+    def _update_datastore_file(self, lock=True):
+        """MONAI Label's write of the datastore file (in place, so its file watchers see it), serialised
+        by pydantic: ``json.dumps(indent=2)`` runs the pure-Python encoder, about 0.3 s for 1,000 scored
+        images, and MONAI Label writes the file on every Next Sample and every saved label."""
+        try:
+            text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2)
+        except Exception:  # a value pydantic cannot serialise: MONAI Label's way (str() of it)
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+
+        def write():
+            self._ignore_event_config = True
+            with open(self._datastore_config_path, "w") as f:
+                f.write(text)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
     @contextmanager
     def _writing(self):

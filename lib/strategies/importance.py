@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -18,10 +19,13 @@ INFO_KEY = "importance"
 def ranking(datastore: Datastore, exclude=()) -> Tuple[List[Tuple[str, Dict]], List[Tuple[str, Dict]]]:
     """Images without a final label: (scored, by descending score then id), (unscored or failed, by id)."""
     scored, unscored = [], []
+    # Read the records in place where the datastore allows it: get_image_info deep-copies each image's
+    # whole info, which made ranking 1,000 images cost ~0.1 s per request.
+    read = getattr(datastore, "peek_image_info", None) or datastore.get_image_info
     for image_id in datastore.get_unlabeled_images():
         if image_id in exclude:
             continue
-        rec = datastore.get_image_info(image_id).get(INFO_KEY) or {}
+        rec = read(image_id).get(INFO_KEY) or {}
         if "score" in rec and "error" not in rec:
             scored.append((-float(rec["score"]), image_id, rec))
         else:
@@ -52,6 +56,7 @@ class ImportanceStrategy(Strategy):
             if not scored and not unscored:
                 return {}
             image_id, rec = (scored or unscored)[0]
+            rec = copy.deepcopy(rec)  # the datastore's own record: the answer must not share it
             self._handed[image_id] = (client, now)
         out = {"id": image_id, "scored": "score" in rec and "error" not in rec}
         if out["scored"]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import nibabel as nib
 import numpy as np
@@ -128,5 +129,52 @@ def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_n
             assert final and final["info"].get("checked", {}).get("voxels", 0) > 0, (name, record[name]["labels"])
         listed = client.datastore()["objects"]
         assert all("final" in listed[n]["labels"] for n in first + during)
+    finally:
+        srv.stop()
+
+
+def test_16_annotators_asking_for_the_next_sample_at_once_queue_one_scoring_run_not_16(tmp_path):
+    """MONAI Label queues a scoring run after every Next Sample (its default auto scoring); 16 waiting
+    runs of a process that loads the app and walks the datastore would hold a CPU for minutes."""
+    studies = tmp_path / "studies"
+    for i in range(4):
+        write_phantom(make_phantom(400 + i, shape=(32, 32, 24), spacing_mm=(3.0, 3.0, 4.0)), str(studies), f"ph_{i}", None)
+    write_synthetic_checkpoint("segresnet", str(tmp_path / "weights" / RELEASED_FILES["segresnet"]))
+    conf = dict(CONF, weights_dir=str(tmp_path / "weights"), model_dir=str(tmp_path / "model"))
+    srv = Server(str(studies), conf, str(tmp_path), env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}).wait_ready()
+
+    def scoring_tasks():
+        with urllib.request.urlopen(srv.url + "/scoring/?all=true", timeout=30) as r:
+            got = json.load(r)
+        return got if isinstance(got, list) else [got]
+
+    try:
+        barrier, answers = threading.Barrier(N_CLIENTS), []
+
+        def annotator(c):
+            client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
+            barrier.wait()
+            try:  # "first": 16 answers from 4 images (random's weights are all 0 within one second)
+                answers.append(client.next_sample("first", {"client_id": f"annotator-{c}"}).get("id"))
+            except Exception as e:
+                answers.append(repr(e))
+
+        threads = [threading.Thread(target=annotator, args=(c,)) for c in range(N_CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert len(answers) == N_CLIENTS and all(a in {f"ph_{i}" for i in range(4)} for a in answers), answers
+        # The start-up run, plus at most one running and one waiting for the 16 requests.
+        runs = scoring_tasks()
+        assert 2 <= len(runs) <= 3, [t.get("status") for t in runs]
+        done = _wait(
+            "the scoring runs to end",
+            lambda: (lambda ts: ts if all(t.get("status") not in ("SUBMITTED", "RUNNING") for t in ts) else None)(
+                scoring_tasks()
+            ),
+            600,
+        )
+        assert len(done) <= 3 and all(t["status"] == "DONE" for t in done), [t.get("status") for t in done]
     finally:
         srv.stop()
