@@ -158,12 +158,12 @@ class CheckedLocalDatastore(LocalDatastore):
         """MONAI Label's write of the datastore file (in place, so its file watchers see it), serialised
         by pydantic: ``json.dumps(indent=2)`` runs the pure-Python encoder, about 0.3 s for 1,000 scored
         images, and MONAI Label writes the file on every Next Sample and every saved label."""
-        try:
-            text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2)
-        except Exception:  # a value pydantic cannot serialise: MONAI Label's way (str() of it)
-            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
 
         def write():
+            try:
+                text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2)
+            except Exception:  # a value pydantic cannot serialise: MONAI Label's way (str() of it)
+                text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             self._ignore_event_config = True
             with open(self._datastore_config_path, "w") as f:
                 f.write(text)
