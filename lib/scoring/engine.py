@@ -31,6 +31,7 @@ ENGINES = ("inprocess", "ray")
 
 Job = Tuple[str, str]  # (image id, image file)
 OnResult = Callable[[str, Dict], None]
+StillWanted = Optional[Callable[[str], bool]]  # asked just before a volume is started; False: skip it
 
 
 def file_stamp(path: str) -> Dict:
@@ -65,10 +66,14 @@ class InProcessEngine:
     def __init__(self, scorer):
         self.scorer = scorer
 
-    def run(self, jobs: Sequence[Job], on_result: OnResult) -> Dict:
+    def run(self, jobs: Sequence[Job], on_result: OnResult, still_wanted: StillWanted = None) -> Dict:
+        dropped = []
         for image_id, path in jobs:
+            if still_wanted is not None and not still_wanted(image_id):
+                dropped.append(image_id)
+                continue
             on_result(image_id, score_one(self.scorer, path))
-        return {"engine": self.name, "workers": 1, "lost": [], "not_started": []}
+        return {"engine": self.name, "workers": 1, "lost": [], "not_started": [], "dropped": dropped}
 
 
 class ScoringWorker:
@@ -162,10 +167,10 @@ class RayEngine:
             n = int(res.get("CPU", 1) // self.cpus_per_worker)
         return max(1, min(n, n_jobs)), gpus
 
-    def run(self, jobs: Sequence[Job], on_result: OnResult) -> Dict:
+    def run(self, jobs: Sequence[Job], on_result: OnResult, still_wanted: StillWanted = None) -> Dict:
         jobs = list(jobs)
         if not jobs:
-            return {"engine": self.name, "workers": 0, "lost": [], "not_started": []}
+            return {"engine": self.name, "workers": 0, "lost": [], "not_started": [], "dropped": []}
         ray = init_ray(self.address)
         from ray.exceptions import RayError
 
@@ -188,11 +193,16 @@ class RayEngine:
         pending: Dict = {}
         alive = set(range(n))
         lost: List[str] = []
+        dropped: List[str] = []
 
         def submit(i: int):
-            if queue:
+            while queue:
                 image_id, path = queue.popleft()
+                if still_wanted is not None and not still_wanted(image_id):
+                    dropped.append(image_id)
+                    continue
                 pending[self.actors[i].score.remote(path)] = (i, image_id)
+                return
 
         for i in range(n):
             submit(i)
@@ -228,6 +238,7 @@ class RayEngine:
             "workers": n,
             "lost": lost,
             "not_started": [image_id for image_id, _ in queue],
+            "dropped": dropped,
             "worker_stats": stats,
         }
 

@@ -10,6 +10,7 @@ from typing import Dict
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from lib.datastore import labeled_images_now
 from lib.scoring.engine import InProcessEngine, file_stamp, is_current
 from lib.scoring.volume import VolumeScorer
 
@@ -28,10 +29,12 @@ class ImportanceScoring(ScoringMethod):
     ``engine``: where the volumes are scored (``lib.scoring.engine``: in this process, or on Ray).
     """
 
-    def __init__(self, scorer: VolumeScorer, on_done=None, engine=None):
+    def __init__(self, scorer: VolumeScorer, on_done=None, engine=None, recheck_s: float = 10.0):
         super().__init__("AbdomenAtlas-8K importance: uncertainty, inconsistency and overlap attention")
         self.scorer = scorer
         self.engine = engine or InProcessEngine(scorer)
+        # How often a run re-reads which images got a final label meanwhile (those are not scored).
+        self.recheck_s = recheck_s
         self.on_done = on_done
         self._lock = threading.Lock()
         self.last_run: Dict = {}
@@ -78,12 +81,23 @@ class ImportanceScoring(ScoringMethod):
                     f"top {record['organs'][:3]} ({record.get('seconds', 0):.1f} s)"
                 )
 
-        summary = self.engine.run(jobs, store)
+        # A run takes minutes to hours: images labelled meanwhile (by annotators, while a round
+        # re-scores) leave the pool; the labelled set is re-read at most every recheck_s seconds.
+        labelled = {"at": 0.0, "ids": set()}  # read before the first volume, then every recheck_s
+
+        def still_wanted(image_id: str) -> bool:
+            if time.time() - labelled["at"] >= self.recheck_s:
+                labelled["ids"] = set(labeled_images_now(datastore))
+                labelled["at"] = time.time()
+            return image_id not in labelled["ids"]
+
+        summary = self.engine.run(jobs, store, still_wanted)
         scored, failed = counts["scored"], counts["failed"]
         self.last_run = {
             "scored": scored,
             "skipped": skipped,
             "failed": failed,
+            "labelled_meanwhile": len(summary.get("dropped", [])),
             "images": n,
             "engine": summary.get("engine"),
             "lost": summary.get("lost", []) + summary.get("not_started", []),

@@ -134,3 +134,37 @@ def test_a_killed_worker_loses_at_most_its_volume_and_a_rerun_scores_only_the_re
     )
     assert sorted(records) == [f"v{i}" for i in range(6)] and all("score" in r for r in records.values())
     assert {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in stamps} == stamps
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "ray"])
+def test_an_image_labelled_during_a_run_is_not_scored(tmp_path, scorer, engine, request):
+    """Annotators keep saving while a round re-scores the pool (in another process, whose view of the
+    datastore is older): an image labelled meanwhile is not scored."""
+    studies = _studies(tmp_path / "studies", 3)
+    ds = LocalDatastore(studies, extensions=("*.nii.gz",), auto_reload=False)  # the round's view
+    server = LocalDatastore(studies, extensions=("*.nii.gz",), auto_reload=False)  # the server's
+    label = tmp_path / "v2_label.nii.gz"
+    shutil.copyfile(os.path.join(studies, "v2.nii.gz"), label)
+    real = scorer.score_file
+    if engine == "ray":
+        request.getfixturevalue("local_ray")
+        # Saved after the round listed its pool (its view still has v2 unlabelled), before v2 started.
+        server.save_label("v2", str(label), "final", {})
+        assert "v2" in ds.get_unlabeled_images()
+        scoring = ImportanceScoring(scorer, engine=RayEngine(scorer, workers=1), recheck_s=0)
+    else:
+        def score_then_annotator_saves(path):  # saved while the first volume is being scored
+            out = real(path)
+            if not server.get_labeled_images():
+                server.save_label("v2", str(label), "final", {})
+            return out
+
+        scorer.score_file = score_then_annotator_saves
+        scoring = ImportanceScoring(scorer, recheck_s=0)
+    try:
+        run = scoring({}, ds)
+    finally:
+        scorer.score_file = real
+    assert run["scored"] == 2 and run["labelled_meanwhile"] == 1, run
+    assert INFO_KEY not in ds.get_image_info("v2")
+    assert all(INFO_KEY in ds.get_image_info(i) for i in ("v0", "v1"))
