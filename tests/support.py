@@ -45,6 +45,20 @@ def write_synthetic_checkpoint(backbone: str, path: str, seed: int = 0) -> str:
     return path
 
 
+def synthetic_registry(folder, backbone: str = "segresnet"):
+    """A WeightsRegistry under ``folder`` serving a synthetic checkpoint in the released format."""
+    from lib.app import validate_checkpoint
+    from lib.weights import RELEASED_FILES, WeightsRegistry
+
+    weights = os.path.join(str(folder), "weights")
+    write_synthetic_checkpoint(backbone, os.path.join(weights, RELEASED_FILES[backbone]))
+    reg = WeightsRegistry(
+        os.path.join(str(folder), "model"), validate_checkpoint, weights_dir=weights, use_pretrained_model=False
+    )
+    reg.resolve(backbone)
+    return reg
+
+
 class Server:
     """A real ``monailabel start_server`` process on a loopback port, with its log kept for failures."""
 

@@ -14,14 +14,12 @@ import pytest
 import torch
 from monailabel.tasks.train.basic_train import Context
 
-from lib.app import validate_checkpoint
 from lib.classes import LABEL_SETS
 from lib.data.phantoms import make_phantom, write_phantom
 from lib.scoring.volume import VolumeScorer
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.transforms.recipe import PRESETS
-from lib.weights import RELEASED_FILES, WeightsRegistry
-from support import write_synthetic_checkpoint
+from support import synthetic_registry
 
 SHAPE = (48, 48, 32)
 SPACING = (3.0, 3.0, 4.0)
@@ -45,10 +43,7 @@ def _mark(entry, key):
 
 @pytest.fixture
 def registry(tmp_path):
-    w = tmp_path / "weights"
-    write_synthetic_checkpoint("segresnet", str(w / RELEASED_FILES["segresnet"]))
-    reg = WeightsRegistry(str(tmp_path / "model"), validate_checkpoint, weights_dir=str(w), use_pretrained_model=False)
-    reg.resolve("segresnet")
+    reg = synthetic_registry(tmp_path)
     return reg
 
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from monailabel.datastore.local import LocalDatastore
 
-from lib.app import validate_checkpoint
 from lib.classes import LABEL_SETS
 from lib.data.phantoms import make_phantom, write_phantom
 from lib.scoring.engine import InProcessEngine, RayEngine, init_ray
@@ -22,8 +21,7 @@ from lib.scoring.importance import INFO_KEY, ImportanceScoring
 from lib.scoring.rank import rank_folder
 from lib.scoring.volume import VolumeScorer
 from lib.transforms.recipe import PRESETS
-from lib.weights import RELEASED_FILES, WeightsRegistry
-from support import write_synthetic_checkpoint
+from support import synthetic_registry
 
 ray = pytest.importorskip("ray")
 
@@ -42,10 +40,7 @@ def local_ray():
 
 @pytest.fixture
 def scorer(tmp_path):
-    w = tmp_path / "weights"
-    write_synthetic_checkpoint("segresnet", str(w / RELEASED_FILES["segresnet"]))
-    reg = WeightsRegistry(str(tmp_path / "model"), validate_checkpoint, weights_dir=str(w), use_pretrained_model=False)
-    reg.resolve("segresnet")
+    reg = synthetic_registry(tmp_path)
     recipe = PRESETS["recipe"].with_overrides(overlap=0.0)
     return VolumeScorer(["segresnet"], reg, LABEL_SETS["atlas25"], recipe, device="cpu")
 

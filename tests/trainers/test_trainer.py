@@ -10,15 +10,14 @@ import pytest
 import torch
 from monailabel.datastore.local import LocalDatastore
 
-from lib.app import validate_checkpoint
 from lib.classes import LABEL_SETS
 from lib.data.phantoms import make_phantom, write_phantom
 from lib.networks import build_network, load_checkpoint
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.trainers.split import persistent_split
 from lib.transforms.recipe import PRESETS
-from lib.weights import RELEASED_FILES, WeightsRegistry
-from support import write_synthetic_checkpoint
+from lib.weights import RELEASED_FILES
+from support import synthetic_registry
 
 SHAPE = (64, 64, 48)
 
@@ -47,10 +46,7 @@ def _trainer(tmp_path, registry, cache_dir=None):
 
 @pytest.fixture
 def registry(tmp_path):
-    w = tmp_path / "weights"
-    write_synthetic_checkpoint("segresnet", str(w / RELEASED_FILES["segresnet"]))
-    reg = WeightsRegistry(str(tmp_path / "model"), validate_checkpoint, weights_dir=str(w), use_pretrained_model=False)
-    reg.resolve("segresnet")
+    reg = synthetic_registry(tmp_path)
     return reg
 
 
