@@ -75,7 +75,10 @@ def test_saved_labels_start_a_round_that_publishes_rescores_and_serves_the_new_m
         assert last["top"] and last["top"][0]["id"] in {"ph_2", "ph_3", "totalseg_ct"}
         info = client.info()
         assert info["models"]["segresnet"]["weights"]["segresnet"]["version"] == pub["version"]
-        _, params = client.infer("segresnet", "ph_2", {})
+        # Next Sample follows the round's new ranking, and infer on it runs the new model.
+        nxt = client.next_sample("importance", {"client_id": "annotator-1"})
+        assert nxt["id"] == last["top"][0]["id"] and nxt["score"] == last["top"][0]["score"], (nxt, last["top"])
+        _, params = client.infer("segresnet", nxt["id"], {})
         assert params["models"]["segresnet"]["version"] == pub["version"]
         split = json.load(open(studies / ".suprem" / "split.json"))["sides"]
         assert set(split) == {"ph_0.nii.gz", "ph_1.nii.gz"}
