@@ -93,11 +93,9 @@ def test_ray_local_scores_a_folder_like_the_inprocess_path(tmp_path, scorer, loc
         assert _same(stored) == _same(here[image_id]), image_id
 
 
-def test_a_killed_worker_loses_at_most_its_volume_and_a_rerun_scores_only_the_rest(tmp_path, scorer, local_ray, caplog):
-    studies = _studies(tmp_path / "studies", 6)
-    out = str(tmp_path / "ranking.csv")
+def _kill_a_worker_mid_run(scorer, studies, out, engine):
+    """Run the ranking on ``engine`` in a thread; SIGKILL worker 0 once a first volume is stored."""
     parts = out + ".parts"
-    engine = RayEngine(scorer, workers=2, retries=0)
     result = {}
     run = threading.Thread(target=lambda: result.update(records=rank_folder(scorer, studies, out, False, engine)))
     run.start()
@@ -109,6 +107,25 @@ def test_a_killed_worker_loses_at_most_its_volume_and_a_rerun_scores_only_the_re
     os.kill(victim, signal.SIGKILL)
     run.join(timeout=300)
     assert not run.is_alive()
+    return victim, result["records"]
+
+
+def test_a_killed_worker_is_restarted_and_its_volume_retried_by_default(tmp_path, scorer, local_ray):
+    studies = _studies(tmp_path / "studies", 4)
+    out = str(tmp_path / "ranking.csv")
+    victim, records = _kill_a_worker_mid_run(scorer, studies, out, RayEngine(scorer, workers=2))
+    last = rank_folder.last
+    assert last["lost"] == [] and last["not_started"] == [], last
+    assert sorted(records) == [f"v{i}" for i in range(4)] and all("score" in r for r in records.values())
+    assert victim not in [s["pid"] for s in last["worker_stats"]] and len(last["worker_stats"]) == 2
+
+
+def test_a_killed_worker_loses_at_most_its_volume_and_a_rerun_scores_only_the_rest(tmp_path, scorer, local_ray, caplog):
+    studies = _studies(tmp_path / "studies", 6)
+    out = str(tmp_path / "ranking.csv")
+    parts = out + ".parts"
+    victim, records_first = _kill_a_worker_mid_run(scorer, studies, out, RayEngine(scorer, workers=2, retries=0))
+    result = {"records": records_first}
 
     last = rank_folder.last
     stats = last["worker_stats"]
