@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Tuple
 
 from support import free_port
@@ -200,3 +201,19 @@ def prepare_series(src_dir: str, out_dir: str) -> Tuple[str, str, List[str]]:
     if not files:
         raise FileNotFoundError(f"no DICOM files in {src_dir}")
     return study_uid, series_uid, files
+
+
+@contextmanager
+def loaded_orthanc(work: str, series_dir: str):
+    """An Orthanc (DICOMweb) in ``work`` holding the series of ``series_dir``, prepared by
+    ``prepare_series``; ``study_uid``, ``series_uid`` and ``files`` are set on it. Stopped on exit."""
+    study_uid, series_uid, files = prepare_series(series_dir, os.path.join(work, "upload"))
+    o = Orthanc(work)
+    try:
+        o.wait_ready()
+        for f in files:
+            o.upload(f)
+        o.study_uid, o.series_uid, o.files = study_uid, series_uid, files
+        yield o
+    finally:
+        o.stop()

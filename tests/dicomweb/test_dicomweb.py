@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 
-from dicomweb_support import Orthanc, orthanc_missing, prepare_series
+from dicomweb_support import loaded_orthanc, orthanc_missing
 from lib.classes import CLASS_INDEX, LABEL_SETS, TOTALSEG_TO_SUPREM, mapping_lut
 from support import Server, shared_path, write_synthetic_checkpoint
 
@@ -41,17 +41,8 @@ def reference_label():
 
 @pytest.fixture(scope="module")
 def orthanc(series_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("orthanc")
-    study_uid, series_uid, files = prepare_series(series_dir, str(work / "upload"))
-    o = Orthanc(str(work))
-    try:
-        o.wait_ready()
-        for f in files:
-            o.upload(f)
-        o.study_uid, o.series_uid, o.files = study_uid, series_uid, files
+    with loaded_orthanc(str(tmp_path_factory.mktemp("orthanc")), series_dir) as o:
         yield o
-    finally:
-        o.stop()
 
 
 def _server(orthanc, work):

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dicomweb_support import Orthanc, orthanc_missing, prepare_series
+from dicomweb_support import loaded_orthanc, orthanc_missing
 from lib.classes import CLASS_INDEX, LABEL_SETS, TOTALSEG_TO_SUPREM, mapping_lut
 from ohif_support import (
     Browser,
@@ -50,19 +50,10 @@ BLACK = 30  # grey level (of 255) under which a screenshot pixel counts as backg
 def orthanc(tmp_path_factory):
     import pydicom
 
-    work = tmp_path_factory.mktemp("orthanc")
     series_dir = shared_path("data", "totalseg-example", "dicom")
-    study_uid, series_uid, files = prepare_series(series_dir, str(work / "upload"))
-    o = Orthanc(str(work))
-    try:
-        o.wait_ready()
-        for f in files:
-            o.upload(f)
-        o.study_uid, o.series_uid, o.files = study_uid, series_uid, files
-        o.series_description = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesDescription)
+    with loaded_orthanc(str(tmp_path_factory.mktemp("orthanc")), series_dir) as o:
+        o.series_description = str(pydicom.dcmread(o.files[0], stop_before_pixels=True).SeriesDescription)
         yield o
-    finally:
-        o.stop()
 
 
 @pytest.fixture(scope="module")
