@@ -78,6 +78,12 @@ def labeled_images_now(datastore) -> List[str]:
     return datastore.get_labeled_images()
 
 
+def info_reader(datastore):
+    """``image id -> info`` for code that only reads: the datastore's in-place view where it has one
+    (``peek_image_info``), else MONAI Label's ``get_image_info`` (a copy per call)."""
+    return getattr(datastore, "peek_image_info", None) or datastore.get_image_info
+
+
 class CheckedLocalDatastore(LocalDatastore):
     """LocalDatastore whose ``save_label`` checks the label against its image first, and which takes no
     image id or label tag that names a path (MONAI Label joins both onto the studies folder).

@@ -10,7 +10,7 @@ from typing import Dict
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.datastore import labeled_images_now
+from lib.datastore import info_reader, labeled_images_now
 from lib.scoring.engine import InProcessEngine, file_stamp, is_current
 from lib.scoring.volume import VolumeScorer
 
@@ -59,8 +59,9 @@ class ImportanceScoring(ScoringMethod):
         counts = {"scored": 0, "failed": 0}
         start = time.time()
         jobs = []
+        read = info_reader(datastore)  # only looks: no copy of every image's info per run
         for image_id in todo:
-            info = datastore.get_image_info(image_id)
+            info = read(image_id)
             path = datastore.get_image_uri(image_id)
             if not force and is_current(info.get(INFO_KEY, {}), versions, file_stamp(path)):
                 skipped += 1

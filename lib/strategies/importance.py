@@ -11,6 +11,8 @@ from typing import Dict, List, Tuple
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.datastore import info_reader
+
 logger = logging.getLogger(__name__)
 
 INFO_KEY = "importance"
@@ -21,7 +23,7 @@ def ranking(datastore: Datastore, exclude=()) -> Tuple[List[Tuple[str, Dict]], L
     scored, unscored = [], []
     # Read the records in place where the datastore allows it: get_image_info deep-copies each image's
     # whole info, which made ranking 1,000 images cost ~0.1 s per request.
-    read = getattr(datastore, "peek_image_info", None) or datastore.get_image_info
+    read = info_reader(datastore)
     for image_id in datastore.get_unlabeled_images():
         if image_id in exclude:
             continue
