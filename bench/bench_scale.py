@@ -58,19 +58,12 @@ def load_avg() -> str:
 
 
 def _scorer(tmp: str, overlap: float, cache_dir=None):
-    from support import write_synthetic_checkpoint
+    from support import synthetic_registry
 
-    from lib.app import validate_checkpoint
     from lib.scoring.volume import VolumeScorer
-    from lib.weights import RELEASED_FILES, WeightsRegistry
 
-    w = os.path.join(tmp, "weights")
-    path = os.path.join(w, RELEASED_FILES["segresnet"])
-    if not os.path.exists(path):
-        write_synthetic_checkpoint("segresnet", path)
-    reg = WeightsRegistry(os.path.join(tmp, "model"), validate_checkpoint, weights_dir=w, use_pretrained_model=False)
-    reg.resolve("segresnet")
     recipe = PRESETS["recipe"].with_overrides(overlap=overlap)
+    reg = synthetic_registry(tmp)
     return VolumeScorer(["segresnet"], reg, LABEL_SETS["atlas25"], recipe, device="cpu", cache_dir=cache_dir)
 
 

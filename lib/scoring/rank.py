@@ -117,7 +117,7 @@ def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True, engine
     missing = summary.get("lost", []) + summary.get("not_started", [])
     if missing:
         logger.error(f"{len(missing)} volumes not scored (workers lost): {', '.join(missing[:20])}; run again to score them")
-    rank_folder.last = dict(summary, scored_now=len(todo) - len(missing))
+    rank_folder.last = summary
     write_csv(out_csv, records)
     return records
 
