@@ -1,4 +1,4 @@
-"""Benchmark: torch attention maps (lib/strategies/attention.py) against the numpy+scipy reference.
+"""Benchmark: torch attention maps (lib/importance/attention.py) against the numpy+scipy reference.
 
 Both run on the same synthetic input and their outputs are compared. Two input layouts (default:
 both): ``compact``, one blob per organ like real organs (the CPU path then works on crops of a few %
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.classes import SUPREM_CLASSES  # noqa: E402
-from lib.strategies.attention import U_THRESHOLD, _active_box, _entropy_floor, compute_attention  # noqa: E402
-from lib.strategies.attention_reference import reference_attention  # noqa: E402
+from lib.importance.attention import U_THRESHOLD, _active_box, _entropy_floor, compute_attention  # noqa: E402
+from testing.attention_reference import reference_attention  # noqa: E402
 
 
 def make_input(shape, n_organs, n_models, seed=0, layout="compact"):
@@ -178,7 +178,7 @@ def main(argv=None):
         notes.append(n)
 
     shape = "x".join(map(str, args.shape))
-    print("# attention maps: torch (lib/strategies/attention.py) vs numpy+scipy reference (attention_reference.py)")
+    print("# attention maps: torch (lib/importance/attention.py) vs numpy+scipy reference (attention_reference.py)")
     print(f"# host: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), numpy {np.__version__}; reference always on the CPU (single-threaded scipy)")

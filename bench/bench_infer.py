@@ -14,7 +14,7 @@ Each timed case calls the infer task exactly as the server does (``task({"image"
 pre-processing, sliding window, post-processing (threshold, largest component), resampling back to
 the input grid and writing the NIfTI label map; the table reports the request's total and the
 inferer part of ``result_json["latencies"]``. The weights are synthetic checkpoints in the released
-format (tests/support.py): network speed does not depend on the values, but the post-processing
+format (testing/synthetic_weights.py): network speed does not depend on the values, but the post-processing
 (largest connected component) does depend on the masks they produce.
 
 Where a case would take too long (its projected time x --repeat over --max-seconds, or past the
@@ -62,10 +62,9 @@ from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from lib.app import build_tasks  # noqa: E402
-from lib.infers.predictor import autocast  # noqa: E402
+from lib.networks.inference import autocast  # noqa: E402
 from lib.networks import BACKBONES  # noqa: E402
 from lib.transforms.recipe import PRESETS, Recipe  # noqa: E402
 from lib.weights import RELEASED_FILES  # noqa: E402
@@ -228,7 +227,7 @@ def time_sliding_overhead(grid, recipe: Recipe, device, channels) -> Tuple[float
     """Seconds of one sliding-window pass over ``grid`` without the network (patching, gaussian
     blending, aggregation, sigmoid): what a projection adds to N windows x s/window, per backbone.
     Returns (wall seconds, CPU seconds)."""
-    from lib.infers.predictor import sliding_window_probs
+    from lib.networks.inference import sliding_window_probs
 
     image = torch.rand((1,) + tuple(grid))
     sync(device)
@@ -350,7 +349,7 @@ def main(argv=None) -> int:
 
 
 def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) -> str:
-    from support import write_synthetic_checkpoint
+    from testing.synthetic_weights import write_synthetic_checkpoint
 
     # The app's tasks, built by the app's own code from a conf, on synthetic released-format weights.
     wdir = os.path.join(tmp, "weights")
@@ -369,7 +368,7 @@ def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) 
         },
     )
     any_task = tasks.infers[needed[0]]
-    channels = any_task.channels
+    channels = any_task.backbones.channels
 
     # Inputs and their working grids.
     ins: List[Input] = []

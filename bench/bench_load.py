@@ -1,6 +1,6 @@
 """Benchmark: Next Sample and Submit Label under 16 concurrent clients, with 1,000 images in the datastore.
 
-A real ``monailabel start_server`` process (tests/support.py's ``Server``) on 127.0.0.1 serves the app
+A real ``monailabel start_server`` process (``testing.server.Server``) on 127.0.0.1 serves the app
 (SegResNet, a synthetic checkpoint in the released format) on a studies folder of N small synthetic
 CT volumes (16^3 voxels at 2 mm, int16 HU: air around a soft-tissue sphere). The images are tiny on
 purpose: what is measured is the request path (strategy, datastore record, JSON, HTTP), not a network.
@@ -47,7 +47,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run as a script)
 
@@ -77,8 +76,8 @@ def prefill_scores(studies: Path, ids: List[str], checkpoint: str) -> None:
     from monailabel.datastore.local import LocalDatastore
 
     from lib.classes import LABEL_SETS
-    from lib.scoring.importance import INFO_KEY, file_stamp
-    from lib.weights.registry import file_version
+    from lib.files import file_stamp, file_version
+    from lib.importance.records import INFO_KEY
 
     organs = list(LABEL_SETS["atlas25"])
     versions = {MODEL: file_version(checkpoint)}
@@ -179,7 +178,8 @@ def main(argv=None) -> int:
     from monailabel.client import MONAILabelClient
 
     from lib.weights import RELEASED_FILES
-    from support import Server, write_synthetic_checkpoint
+    from testing.server import Server
+    from testing.synthetic_weights import write_synthetic_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="bench_load_"))
     studies = work / "studies"

@@ -4,7 +4,7 @@
     python bench/bench_scale.py cost [--device cuda]                    # cost model of one round
 
 ``engines``: writes ``--volumes`` synthetic abdominal phantoms (``lib.data.phantoms``, 128x128x96 at
-1.5x1.5x2 mm), then scores the folder with the offline ranking (``lib.scoring.rank.rank_folder``, the
+1.5x1.5x2 mm), then scores the folder with the offline ranking (``lib.importance.rank.rank_folder``, the
 same per-volume step as the server) three ways: in this process (torch on all cores), on a local Ray
 with ``--workers`` 1-CPU workers (wall time including Ray's and the workers' start, and the steady rate
 from the first to the last finished volume), and a second in-process round with the pre-processing
@@ -34,7 +34,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_infer import count_windows, make_big_input  # noqa: E402
@@ -58,9 +57,9 @@ def load_avg() -> str:
 
 
 def _scorer(tmp: str, overlap: float, cache_dir=None):
-    from support import synthetic_registry
+    from testing.synthetic_weights import synthetic_registry
 
-    from lib.scoring.volume import VolumeScorer
+    from lib.importance.scorer import VolumeScorer
 
     recipe = PRESETS["recipe"].with_overrides(overlap=overlap)
     reg = synthetic_registry(tmp)
@@ -69,10 +68,10 @@ def _scorer(tmp: str, overlap: float, cache_dir=None):
 
 def _timed_rank(scorer, studies, out, engine=None):
     """(volumes, wall s, steady volumes/min between the first and the last finished volume)."""
-    from lib.scoring.rank import rank_folder
+    from lib.importance.rank import rank_folder
 
     t0 = time.perf_counter()
-    records = rank_folder(scorer, studies, out, progress=False, engine=engine)
+    records = rank_folder(scorer, studies, out, progress=False, engine=engine).records
     total = time.perf_counter() - t0
     parts = out + ".parts"  # one record file per volume, written as each volume finishes
     finished = sorted(os.stat(os.path.join(parts, f)).st_mtime for f in os.listdir(parts))
@@ -83,7 +82,7 @@ def _timed_rank(scorer, studies, out, engine=None):
 
 def engines(args) -> str:
     from lib.data.phantoms import make_phantom, write_phantom
-    from lib.scoring.engine import RayEngine, init_ray
+    from lib.importance.engines import RayEngine, init_ray
 
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
     studies = os.path.join(tmp, "studies")
@@ -177,7 +176,7 @@ def attention_cost(grid, device: torch.device) -> float:
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from bench_attention import make_input
 
-    from lib.strategies.attention import compute_attention
+    from lib.importance.attention import compute_attention
 
     names = LABEL_SETS["atlas25"]
     probs, masks = make_input(grid, len(names), 3, seed=0, layout="compact")

@@ -66,7 +66,6 @@ from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from lib.classes import CLASS_INDEX, LABEL_SETS  # noqa: E402
 from lib.networks import BACKBONES, build_network  # noqa: E402
@@ -364,7 +363,7 @@ def part2(args, device) -> Dict:
     from lib.app import build_tasks
     from lib.data.phantoms import make_phantom, write_phantom
     from lib.weights import RELEASED_FILES
-    from support import write_synthetic_checkpoint
+    from testing.synthetic_weights import write_synthetic_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     studies = work / "studies"

@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     starter = os.path.join(out, "starter", f"starter_{cfg.name}_{cfg.starter_key()}.pth")
     t = time.time()
     if args.starter:
-        from lib.app import validate_checkpoint
+        from lib.networks import validate_checkpoint
 
         starter = os.path.abspath(args.starter)
         validate_checkpoint("segresnet", starter)

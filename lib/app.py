@@ -14,24 +14,19 @@ from lib.classes import label_dict
 from lib.config import AppConfig, conf_summary, parse_conf
 from lib.datastore import labeled_images_now
 from lib.infers.attention import AttentionInfer
-from lib.infers.predictor import NetworkCache
+from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
-from lib.networks import build_network, load_checkpoint
+from lib.networks import validate_checkpoint
 from lib.rounds.manager import RoundManager
 from lib.trainers.round import RoundTrainTask, run_round
 from lib.trainers.segmentation import SuPreMTrainer
-from lib.scoring.engine import make_engine
+from lib.importance.engines import make_engine
 from lib.scoring.importance import ImportanceScoring
-from lib.scoring.volume import VolumeScorer
+from lib.importance.scorer import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
 from lib.weights import WeightsRegistry
 
 logger = logging.getLogger(__name__)
-
-
-def validate_checkpoint(backbone: str, path: str) -> None:
-    """Raise unless ``path`` holds every key of ``backbone`` with the right shapes (and nothing else)."""
-    load_checkpoint(build_network(backbone), path)
 
 
 @dataclass
@@ -43,7 +38,6 @@ class Tasks:
     trainers: Dict = field(default_factory=dict)
     strategies: Dict = field(default_factory=dict)
     scoring: Dict = field(default_factory=dict)
-    scorer: Optional[VolumeScorer] = None
     state_dir: str = ""
     rounds: Optional[RoundManager] = None
 
@@ -115,7 +109,6 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
         normalise_score=cfg.normalise_score,
         cache_dir=cache_dir,
     )
-    tasks.scorer = scorer
     tasks.infers["attention"] = AttentionInfer(scorer)
     if not cfg.skip_trainers:
         # Only backbones with weights: fine-tuning one from nothing would publish an untrained model.

@@ -44,7 +44,6 @@ SUPREM_CLASSES: List[str] = [
     "colon_tumor",
     "kidney_cyst",
 ]
-NUM_CHANNELS = len(SUPREM_CLASSES)  # 32
 CLASS_INDEX: Dict[str, int] = {name: i + 1 for i, name in enumerate(SUPREM_CLASSES)}
 
 # Label sets offered by the app (`--conf labels ...`), as names in SuPreM order.

@@ -7,7 +7,7 @@ from typing import Dict, List, Mapping, Optional
 
 from lib.classes import CLASS_INDEX, DEFAULT_LABEL_SET, LABEL_MAPS, LABEL_SETS, label_set
 from lib.networks import BACKBONES
-from lib.transforms.recipe import PRESETS, Recipe
+from lib.transforms.recipe import AMP_MODES, PRESETS, Recipe
 
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
@@ -29,8 +29,8 @@ def _bool(conf: Mapping[str, str], key: str, default: bool) -> bool:
     raise ConfError(f"--conf {key} {v!r}: expected true or false")
 
 
-def _choice(conf: Mapping[str, str], key: str, choices) -> str:
-    v = str(conf.get(key, choices[0]))
+def _choice(conf: Mapping[str, str], key: str, choices, default: Optional[str] = None) -> str:
+    v = str(conf.get(key, default or choices[0]))
     if v not in choices:
         raise ConfError(f"--conf {key} {v!r}: choose one of {', '.join(choices)}")
     return v
@@ -149,7 +149,7 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         train_epochs=_number(conf, "train_epochs", int, 50),
         train_num_samples=_number(conf, "train_num_samples", int, 2),
         train_label_map=_label_map(conf.get("train_label_map")),
-        train_amp=_choice(conf, "train_amp", ("bf16", "fp16", "none")),
+        train_amp=_choice(conf, "train_amp", AMP_MODES, default="bf16"),
         val_fraction=_number(conf, "val_fraction", float, 0.2),
         round_every_labels=_number(conf, "round_every_labels", int, 0),
         round_interval_s=_number(conf, "round_interval_s", float, 0.0),

@@ -14,46 +14,23 @@ from typing import Callable, Dict
 
 from fastapi import HTTPException
 
+from lib.importance.failures import exception_chain
 from lib.networks import CheckpointError
 from lib.transforms.checks import InputError
 
 logger = logging.getLogger(__name__)
 
 
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def describe_error(exc: BaseException) -> str:
-    """The most telling message in an exception chain: an input problem first, else the root cause.
-
-    MONAI's Compose wraps every failure in "applying transform ..."; the cause underneath is what a
-    user needs to read.
-    """
-    chain = list(_chain(exc))
-    for e in chain:
-        if isinstance(e, (InputError, CheckpointError)):
-            return str(e)
-    for e in reversed(chain):
-        if str(e):
-            return f"{type(e).__name__}: {e}"
-    return type(exc).__name__
-
-
 def http_error(exc: BaseException, what: str) -> HTTPException:
     """Status and message for ``exc`` raised while doing ``what`` (e.g. "infer segresnet on 'ct1'")."""
     if isinstance(exc, HTTPException):
         return exc
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, InputError):
             return HTTPException(status_code=422, detail=f"{what}: {e}")
         if isinstance(e, CheckpointError):
             return HTTPException(status_code=500, detail=f"{what}: model file problem: {e}")
-    messages = [str(e) for e in _chain(exc) if str(e)]
+    messages = [str(e) for e in exception_chain(exc) if str(e)]
     root = messages[-1] if messages else type(exc).__name__
     return HTTPException(status_code=500, detail=f"{what} failed: {root[:500]}")
 

@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lib.app import validate_checkpoint  # noqa: E402
+from lib.networks import validate_checkpoint  # noqa: E402
 from lib.classes import DEFAULT_LABEL_SET, label_set  # noqa: E402
 from lib.data.phantoms import make_sample_studies  # noqa: E402
 from lib.networks import BACKBONES  # noqa: E402

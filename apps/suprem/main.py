@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 class SuPreMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.tasks = build_tasks(app_dir, studies, conf)
+        # The round manager and its ``round`` train task (MONAI Label offers it unless train tasks are off).
+        self.tasks.start_rounds(self.datastore)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -35,9 +37,6 @@ class SuPreMApp(MONAILabelApp):
             version="0.1.0",
             labels=self.tasks.label_dict,
         )
-
-        self.tasks.start_rounds(self.datastore)
-        self._trainers.update({k: v for k, v in self.tasks.trainers.items() if k not in self._trainers})
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -23,12 +23,13 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from lib.app import validate_checkpoint
+from lib.networks import validate_checkpoint
 from lib.classes import CLASS_INDEX, LABEL_SETS
-from lib.infers.predictor import NetworkCache
+from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
-from lib.scoring.importance import INFO_KEY, ImportanceScoring
-from lib.scoring.volume import VolumeScorer
+from lib.importance.records import INFO_KEY
+from lib.scoring.importance import ImportanceScoring
+from lib.importance.scorer import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.transforms.recipe import Recipe

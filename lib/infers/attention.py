@@ -9,8 +9,8 @@ from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.infers.segmentation import RecipeInferTask
-from lib.scoring.volume import VolumeScorer
-from lib.strategies.attention import LABEL_INCONSISTENT, LABEL_OVERLAP, LABEL_UNCERTAIN, attention_labels
+from lib.importance.scorer import VolumeScorer
+from lib.importance.attention import LABEL_NAMES, LABEL_NONE, attention_labels
 from lib.transforms import ResampleToInputd
 
 
@@ -28,7 +28,7 @@ class AttentionInfer(RecipeInferTask):
             path=None,
             network=None,
             type=InferType.SEGMENTATION,
-            labels={"uncertain": LABEL_UNCERTAIN, "inconsistent": LABEL_INCONSISTENT, "overlap": LABEL_OVERLAP},
+            labels={name: value for value, name in LABEL_NAMES.items() if value != LABEL_NONE},
             dimension=3,
             description="Where to look: uncertain, inconsistent and overlapping organ regions (importance attention)",
         )

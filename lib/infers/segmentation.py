@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 from monai.data import MetaTensor
@@ -11,7 +11,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.classes import CLASS_INDEX
-from lib.infers.predictor import NetworkCache, backbone_probs
+from lib.networks.inference import BackboneSet, NetworkCache
 from lib.transforms import ProbsToLabeld, Recipe, ResampleToInputd, inference_pre_transforms
 from lib.weights import WeightsRegistry
 
@@ -58,40 +58,33 @@ class SuPreMSegmentation(RecipeInferTask):
         cache: NetworkCache,
         description: str = "",
     ):
-        self.backbones = list(backbones)
+        self.backbones = BackboneSet(backbones, registry, labels, cache)
         self.registry = registry
         self.recipe = recipe
-        self.cache = cache
         self.label_names = list(labels)
-        # Network output channel of each offered class (released order, index = channel + 1).
-        self.channels = [CLASS_INDEX[n] - 1 for n in self.label_names]
         super().__init__(
             path=None,
             network=None,
             type=InferType.SEGMENTATION,
             labels={n: CLASS_INDEX[n] for n in self.label_names},
             dimension=3,
-            description=description or f"SuPreM {' + '.join(self.backbones)}",
+            description=description or f"SuPreM {' + '.join(self.backbones.names)}",
             config={"overlap": recipe.overlap, "sw_batch_size": recipe.sw_batch_size, "amp": recipe.amp},
         )
 
     # --- what MONAI Label asks of an infer task -------------------------------------------------------
     def is_valid(self) -> bool:
-        return any(self.registry.available(b) for b in self.backbones)
+        return bool(self.backbones.active())
 
     def info(self) -> Dict[str, Any]:
         info = super().info()
-        info["backbones"] = self.active_backbones()
-        info["weights"] = {b: self.registry.info(b) for b in self.backbones}
+        info["backbones"] = self.backbones.active()
+        info["weights"] = {b: self.registry.info(b) for b in self.backbones.names}
         info["recipe"] = self.recipe.as_dict()
         return info
 
     def why_unavailable(self) -> str:
-        """Why none of this task's backbones has weights (the registry's problem per backbone)."""
-        return "; ".join(f"{b}: {self.registry.info(b).get('problem') or 'no weights'}" for b in self.backbones)
-
-    def active_backbones(self) -> List[str]:
-        return [b for b in self.backbones if self.registry.available(b)]
+        return self.backbones.why_unavailable()
 
     def request_recipe(self, data: Dict) -> Recipe:
         """The recipe with the per-request overrides a client may send (overlap, sw_batch_size, amp)."""
@@ -122,14 +115,11 @@ class SuPreMSegmentation(RecipeInferTask):
     # --- the model part -------------------------------------------------------------------------------
     def probabilities(self, image: torch.Tensor, data: Dict, device) -> MetaTensor:
         """Mean sigmoid probability (C, X, Y, Z) over the loaded backbones, on the working grid."""
-        backbones = self.active_backbones()
-        if not backbones:
-            raise RuntimeError(f"no weights loaded for {', '.join(self.backbones)}")
         recipe = self.request_recipe(data)
-        dev = torch.device(device)
-        total = None  # a running sum: one probability volume in memory besides the current one
-        for _, p in backbone_probs(self.cache, self.registry, backbones, image, recipe, dev, self.channels):
-            total = p if total is None else total + p
-        data["backbones_used"] = backbones
-        mean = total / len(backbones)
+        total, used = None, []  # a running sum: one probability volume in memory besides the current one
+        for backbone, probs in self.backbones.probabilities(image, recipe, torch.device(device)):
+            total = probs if total is None else total + probs
+            used.append(backbone)
+        data["backbones_used"] = used
+        mean = total / len(used)
         return MetaTensor(mean, affine=image.affine, meta=dict(image.meta)) if isinstance(image, MetaTensor) else mean

@@ -11,7 +11,6 @@ from __future__ import annotations
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, state_dict_in_released_format
-from .synthetic import synthetic_released_state_dict
 
 BACKBONES = ("unet", "swinunetr", "segresnet")
 
@@ -22,7 +21,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "state_dict_in_released_format",
-    "synthetic_released_state_dict",
+    "validate_checkpoint",
 ]
 
 
@@ -61,3 +60,9 @@ def build_network(backbone: str, out_channels: int = 32) -> nn.Module:
 
         return build_segresnet(out_channels)
     raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def validate_checkpoint(backbone: str, path: str) -> None:
+    """Raise CheckpointError unless ``path`` holds every key of ``backbone`` with the right shapes (and
+    nothing else); what the weights registry checks each file with before serving it."""
+    load_checkpoint(build_network(backbone), path)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import uuid
 from collections.abc import Mapping
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from lib.files import atomic_open
 
 PREFIX = "module."
 _MAX_KEYS_IN_MESSAGE = 5
@@ -200,21 +201,6 @@ def save_checkpoint(model: nn.Module, path: "str | os.PathLike[str]", **extra: A
     path = os.fspath(path)
     if "net" in extra:
         raise ValueError("'net' is written from the model; pass other entries only")
-    folder = os.path.dirname(os.path.abspath(path))
     payload = {"net": state_dict_in_released_format(model), **extra}
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    # os.open with 0o666 honours the umask, so the result gets the same permissions a plain
-    # torch.save would give it (mkstemp would make it private to this user).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)

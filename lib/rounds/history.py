@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Dict, List, Sequence, Tuple
+
+from lib.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -88,28 +89,21 @@ def plot_dice(entries: Sequence[Dict], path: str, plotter: str = "auto") -> str:
     first that imports). Returns the plotter used. The file is written whole or not at all.
     """
     series = dice_series(entries)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        used = None
-        if plotter in ("auto", "matplotlib"):
-            try:
-                _plot_matplotlib(series, tmp)
-                used = "matplotlib"
-            except ImportError:
-                if plotter == "matplotlib":
-                    raise
-                logger.info("matplotlib is not installed; drawing the Dice plot with Pillow")
-        if used is None:
-            _plot_pil(series, tmp)
-            used = "pil"
-        os.replace(tmp, path)
-        return used
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        return _plot(series, tmp, plotter)
+
+
+def _plot(series: Series, path: str, plotter: str) -> str:
+    if plotter in ("auto", "matplotlib"):
+        try:
+            _plot_matplotlib(series, path)
+            return "matplotlib"
+        except ImportError:
+            if plotter == "matplotlib":
+                raise
+            logger.info("matplotlib is not installed; drawing the Dice plot with Pillow")
+    _plot_pil(series, path)
+    return "pil"
 
 
 def _plot_matplotlib(series: Series, path: str) -> None:

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Dict, List, Optional, Sequence
 
 from lib.rounds.lock import FileLock, is_locked
-from lib.weights.registry import write_json_atomic
+from lib.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lib.rounds.lock import FileLock, acquire_runner, is_locked
 from lib.rounds.log import RoundLog
-from lib.weights.registry import write_json_atomic
+from lib.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

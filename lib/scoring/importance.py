@@ -11,12 +11,12 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.datastore import info_reader, labeled_images_now
-from lib.scoring.engine import InProcessEngine, file_stamp, is_current
-from lib.scoring.volume import VolumeScorer
+from lib.files import file_stamp
+from lib.importance.engines import InProcessEngine
+from lib.importance.records import INFO_KEY, is_current
+from lib.importance.scorer import VolumeScorer
 
 logger = logging.getLogger(__name__)
-
-INFO_KEY = "importance"
 
 
 class ImportanceScoring(ScoringMethod):
@@ -26,16 +26,15 @@ class ImportanceScoring(ScoringMethod):
     attention volume per organ (mL), and the model files (versions) that produced them. An image
     already scored by the current models is skipped; a corrupt image is recorded with its error and
     skipped; the run goes on. Runs never overlap (a second call waits for the first).
-    ``engine``: where the volumes are scored (``lib.scoring.engine``: in this process, or on Ray).
+    ``engine``: where the volumes are scored (``lib.importance.engines``: in this process, or on Ray).
     """
 
-    def __init__(self, scorer: VolumeScorer, on_done=None, engine=None, recheck_s: float = 10.0):
+    def __init__(self, scorer: VolumeScorer, engine=None, recheck_s: float = 10.0):
         super().__init__("AbdomenAtlas-8K importance: uncertainty, inconsistency and overlap attention")
         self.scorer = scorer
         self.engine = engine or InProcessEngine(scorer)
         # How often a run re-reads which images got a final label meanwhile (those are not scored).
         self.recheck_s = recheck_s
-        self.on_done = on_done
         self._lock = threading.Lock()
         self.last_run: Dict = {}
 
@@ -107,8 +106,6 @@ class ImportanceScoring(ScoringMethod):
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         logger.info(f"importance scoring done: {self.last_run}")
-        if self.on_done:
-            self.on_done(self.last_run)
         return self.last_run
 
 

@@ -6,34 +6,15 @@ import copy
 import logging
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.datastore import info_reader
+from lib.datastore import ranked_pool
+from lib.importance.records import is_scored
 
 logger = logging.getLogger(__name__)
-
-INFO_KEY = "importance"
-
-
-def ranking(datastore: Datastore, exclude=()) -> Tuple[List[Tuple[str, Dict]], List[Tuple[str, Dict]]]:
-    """Images without a final label: (scored, by descending score then id), (unscored or failed, by id)."""
-    scored, unscored = [], []
-    # Read the records in place where the datastore allows it: get_image_info deep-copies each image's
-    # whole info, which made ranking 1,000 images cost ~0.1 s per request.
-    read = info_reader(datastore)
-    for image_id in datastore.get_unlabeled_images():
-        if image_id in exclude:
-            continue
-        rec = read(image_id).get(INFO_KEY) or {}
-        if "score" in rec and "error" not in rec:
-            scored.append((-float(rec["score"]), image_id, rec))
-        else:
-            unscored.append((image_id, rec))
-    return [(i, r) for _, i, r in sorted(scored, key=lambda t: t[:2])], sorted(unscored, key=lambda t: t[0])
-
 
 class ImportanceStrategy(Strategy):
     """Highest importance score first among images without a final label.
@@ -54,13 +35,13 @@ class ImportanceStrategy(Strategy):
         with self._lock:
             now = time.time()
             self._handed = {k: v for k, v in self._handed.items() if now - v[1] < self.hold_s}
-            scored, unscored = ranking(datastore, exclude=self._handed)
+            scored, unscored = ranked_pool(datastore, exclude=self._handed)
             if not scored and not unscored:
                 return {}
             image_id, rec = (scored or unscored)[0]
             rec = copy.deepcopy(rec)  # the datastore's own record: the answer must not share it
             self._handed[image_id] = (client, now)
-        out = {"id": image_id, "scored": "score" in rec and "error" not in rec}
+        out = {"id": image_id, "scored": is_scored(rec)}
         if out["scored"]:
             out.update(
                 {

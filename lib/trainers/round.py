@@ -12,8 +12,8 @@ from typing import Callable, Dict, List
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.strategies.importance import ranking
-from lib.weights.registry import file_version
+from lib.datastore import ranked_pool
+from lib.files import file_version
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_round(entry: Dict, trainers: Dict, scoring, datastore: Datastore, organs
         mean[backbone] = round(float(key), 4) if key is not None else None
         published[backbone] = {"file": res["published"], "version": file_version(res["published"])}
     rescored = scoring({}, datastore) if scoring else {}
-    scored, _ = ranking(datastore)
+    scored, _ = ranked_pool(datastore)
     return {
         "dice": dice,
         "mean_dice": mean,

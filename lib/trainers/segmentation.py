@@ -20,9 +20,9 @@ from lib.classes import CLASS_INDEX
 from lib.networks import build_network, load_checkpoint, save_checkpoint
 from lib.trainers.split import persistent_split
 from lib.transforms.cache import open_cache
-from lib.transforms.recipe import Recipe, training_transforms
+from lib.transforms.recipe import AMP_DTYPES, AMP_MODES, Recipe, training_transforms
 from lib.weights import WeightsRegistry
-from lib.weights.registry import file_version, write_json_atomic
+from lib.files import file_version, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,12 @@ class SuPreMTrainer(BasicTrainTask):
         self.roi = tuple(int(r) for r in roi)
         self.label_map = label_map
         self.val_fraction = val_fraction
-        self.last_result: Dict = {}
         # Pre-processed (resampled) volumes kept on disk across rounds and backbones (None: in memory only).
         self.cache_dir = cache_dir
         self.publish_to = publish_to or registry.published_path(backbone)
-        if amp not in ("none", "fp16", "bf16"):
-            raise ValueError(f"amp must be none, fp16 or bf16; got {amp!r}")
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}; got {amp!r}")
+        self.amp_dtype = AMP_DTYPES.get(amp)
         config = {
             "max_epochs": max_epochs,
             "num_samples": num_samples,
@@ -240,7 +239,6 @@ class SuPreMTrainer(BasicTrainTask):
         result = dict(result or {})
         published = self._publish(request, result, n_labels=len(datalist), seconds=time.time() - start)
         result["published"] = published
-        self.last_result = result
         return result
 
     def _best_checkpoint(self, name: str) -> Optional[str]:

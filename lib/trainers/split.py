@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Dict, List, Sequence, Tuple
 
-from lib.weights.registry import write_json_atomic
+from lib.files import write_json_atomic
 
 _lock = threading.Lock()
 

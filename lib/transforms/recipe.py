@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Tuple
 
+import torch
 from monai.transforms import (
     CropForegroundd,
     EnsureChannelFirstd,
@@ -22,6 +23,11 @@ from monai.transforms import (
 )
 
 from .checks import CheckCTd, LoadCTd
+
+
+# Mixed precision of a forward pass: the names users pass (conf, params, command line) and their dtypes.
+AMP_MODES = ("none", "fp16", "bf16")
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,8 @@ class Recipe:
     threshold: float = 0.5
 
     def __post_init__(self):
-        if self.amp not in ("none", "fp16", "bf16"):
-            raise ValueError(f"amp must be one of none, fp16, bf16; got {self.amp!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1); got {self.overlap}")
         if self.sw_batch_size < 1:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from typing import Callable, Optional
+
+from lib.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -34,30 +35,9 @@ def download_file(url: str, dest: str, validate: Callable[[str], None], timeout:
     server announced), an HTTP error or a failed validation removes it and raises DownloadError, so
     ``dest`` is either absent or a complete, validated file.
     """
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".download-", suffix=".part", dir=folder)
-    try:
+    with atomic_path(dest) as tmp:
         try:
-            req = urllib.request.Request(url, headers={"User-Agent": "suprem-monailabel"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp, os.fdopen(fd, "wb") as out:
-                fd = -1
-                total = resp.headers.get("Content-Length")
-                total = int(total) if total is not None else None
-                bar = _progress(total, os.path.basename(dest))
-                received = 0
-                while True:
-                    chunk = resp.read(CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    received += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-                if bar is not None:
-                    bar.close()
-                out.flush()
-                os.fsync(out.fileno())
+            received, total = _fetch(url, tmp, os.path.basename(dest), timeout)
         except urllib.error.HTTPError as e:
             raise DownloadError(f"{url} answered HTTP {e.code} {e.reason}") from e
         except (urllib.error.URLError, OSError, ValueError) as e:
@@ -69,14 +49,25 @@ def download_file(url: str, dest: str, validate: Callable[[str], None], timeout:
             validate(tmp)
         except Exception as e:
             raise DownloadError(f"{url} is not a valid checkpoint: {e}") from e
-        os.replace(tmp, dest)
-        tmp = None
-        return dest
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+    return dest
+
+
+def _fetch(url: str, dest: str, desc: str, timeout: float):
+    """Stream ``url`` into ``dest`` with a progress bar; (bytes received, bytes announced or None)."""
+    req = urllib.request.Request(url, headers={"User-Agent": "suprem-monailabel"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp, open(dest, "wb") as out:
+        total = resp.headers.get("Content-Length")
+        total = int(total) if total is not None else None
+        bar = _progress(total, desc)
+        received = 0
+        for chunk in iter(lambda: resp.read(CHUNK), b""):
+            out.write(chunk)
+            received += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+    return received, total
 
 
 def hf_url(endpoint: str, repo: str, filename: str, revision: str = "main") -> str:

@@ -9,14 +9,13 @@ A JSON sidecar (``<file>.json``) beside a starter or fine-tuned file says how it
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
+
+from lib.files import file_version, read_json
 
 from .download import DownloadError, download_released
 
@@ -58,45 +57,7 @@ class ModelWeights:
 
 
 def read_sidecar(path: str) -> Dict:
-    side = path + ".json"
-    try:
-        with open(side) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def write_json_atomic(path: str, data: Dict) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half of it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-_version_cache: Dict = {}
-
-
-def file_version(path: str) -> str:
-    """Short content hash of a model file (cached by size and mtime): what produced a score or a label."""
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _version_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _version_cache[key] = h.hexdigest()[:12]
-    return _version_cache[key]
+    return read_json(path + ".json", {})
 
 
 class WeightsRegistry:

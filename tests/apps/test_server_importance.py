@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import urllib.request
 
@@ -44,6 +43,8 @@ def env(tmp_path_factory):
             "overlap": "0",
         },
         str(work),
+        # No train tasks on this server (MONAI Label's switch): the app must not add its own back.
+        env={"MONAI_LABEL_TASKS_TRAIN": "false"},
     )
     try:
         srv.wait_ready()
@@ -85,7 +86,8 @@ def test_next_sample_gives_the_top_scored_image_then_another_after_its_label_is_
     srv = env["server"]
     client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
     recs = {k: v for k, v in _records(client).items() if v and "score" in v}
-    best = max(recs, key=lambda k: (recs[k]["score"], -ord(k[0])))
+    by_rank = sorted(recs, key=lambda k: (-recs[k]["score"], k))  # descending score, then id
+    best, second = by_rank[0], by_rank[1]
     top = client.next_sample("importance", {"client_id": "annotator-1"})
     assert top["id"] == best and top["score"] == recs[best]["score"]
     assert top["organs"] == recs[best]["organs"]
@@ -97,7 +99,12 @@ def test_next_sample_gives_the_top_scored_image_then_another_after_its_label_is_
     nib.save(nib.Nifti1Image(revised, img.affine), str(label))
     client.save_label(best, str(label), tag="final")
     nxt = client.next_sample("importance", {"client_id": "annotator-1"})
-    assert nxt["id"] != best and nxt["id"] in recs or nxt["id"] == "broken"
+    assert nxt["id"] == second and nxt["score"] == recs[second]["score"], (nxt, by_rank)
+
+
+def test_train_tasks_turned_off_in_monai_label_stay_off(env):
+    info = MONAILabelClient(env["server"].url).info()
+    assert info["trainers"] == {}, sorted(info["trainers"])
 
 
 def test_two_annotators_asking_at_once_get_different_images(env):

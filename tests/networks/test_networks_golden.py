@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib.networks import BACKBONES, build_network, load_checkpoint
-from lib.networks.synthetic import synthetic_released_state_dict
+from testing.synthetic_weights import synthetic_released_state_dict
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib.networks import BACKBONES, build_network, state_dict_in_released_format
-from lib.networks.synthetic import synthetic_released_state_dict
+from testing.synthetic_weights import synthetic_released_state_dict
 
 
 @pytest.fixture(scope="module")

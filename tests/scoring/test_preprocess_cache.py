@@ -16,7 +16,7 @@ from monailabel.tasks.train.basic_train import Context
 
 from lib.classes import LABEL_SETS
 from lib.data.phantoms import make_phantom, write_phantom
-from lib.scoring.volume import VolumeScorer
+from lib.importance.scorer import VolumeScorer
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.transforms.recipe import PRESETS
 from support import synthetic_registry

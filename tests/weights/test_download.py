@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lib.app import validate_checkpoint
+from lib.networks import validate_checkpoint
 from lib.weights import RELEASED_FILES, WeightsRegistry
 from lib.weights.download import DownloadError, download_released
 from support import FileServer, free_port, hub_path, write_synthetic_checkpoint

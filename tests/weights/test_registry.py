@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from lib.app import validate_checkpoint
-from lib.networks import synthetic_released_state_dict
+from lib.networks import validate_checkpoint
+from testing.synthetic_weights import synthetic_released_state_dict
 from lib.weights import RELEASED_FILES, WeightsRegistry
 from support import write_synthetic_checkpoint
 

@@ -16,10 +16,11 @@ from monailabel.datastore.local import LocalDatastore
 
 from lib.classes import LABEL_SETS
 from lib.data.phantoms import make_phantom, write_phantom
-from lib.scoring.engine import InProcessEngine, RayEngine, init_ray
-from lib.scoring.importance import INFO_KEY, ImportanceScoring
-from lib.scoring.rank import rank_folder
-from lib.scoring.volume import VolumeScorer
+from lib.importance.engines import InProcessEngine, RayEngine, init_ray
+from lib.importance.records import INFO_KEY
+from lib.scoring.importance import ImportanceScoring
+from lib.importance.rank import rank_folder
+from lib.importance.scorer import VolumeScorer
 from lib.transforms.recipe import PRESETS
 from support import synthetic_registry
 
@@ -62,11 +63,12 @@ def test_ray_local_scores_a_folder_like_the_inprocess_path(tmp_path, scorer, loc
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each 1-CPU Ray worker: same kernels, same numbers
     try:
-        here = rank_folder(scorer, studies, str(tmp_path / "here.csv"), progress=False)
+        here = rank_folder(scorer, studies, str(tmp_path / "here.csv"), progress=False).records
     finally:
         torch.set_num_threads(threads)
     engine = RayEngine(scorer, workers=2, cpus_per_worker=1)
-    there = rank_folder(scorer, studies, str(tmp_path / "ray.csv"), progress=False, engine=engine)
+    run = rank_folder(scorer, studies, str(tmp_path / "ray.csv"), progress=False, engine=engine)
+    there = run.records
 
     assert sorted(here) == sorted(there) == ["broken", "v0", "v1", "v2", "v3"]
     for image_id in here:
@@ -75,7 +77,7 @@ def test_ray_local_scores_a_folder_like_the_inprocess_path(tmp_path, scorer, loc
     with open(tmp_path / "here.csv") as a, open(tmp_path / "ray.csv") as b:
         assert a.read() == b.read()
 
-    last = rank_folder.last
+    last = run.summary
     assert last["engine"] == "ray" and last["workers"] == 2 and last["lost"] == []
     stats = last["worker_stats"]
     assert len({s["pid"] for s in stats}) == 2 and sum(s["volumes"] for s in stats) == 5
@@ -97,7 +99,7 @@ def _kill_a_worker_mid_run(scorer, studies, out, engine):
     """Run the ranking on ``engine`` in a thread; SIGKILL worker 0 once a first volume is stored."""
     parts = out + ".parts"
     result = {}
-    run = threading.Thread(target=lambda: result.update(records=rank_folder(scorer, studies, out, False, engine)))
+    run = threading.Thread(target=lambda: result.update(run=rank_folder(scorer, studies, out, False, engine)))
     run.start()
     deadline = time.time() + 300
     while time.time() < deadline and not (os.path.isdir(parts) and os.listdir(parts)):
@@ -107,14 +109,14 @@ def _kill_a_worker_mid_run(scorer, studies, out, engine):
     os.kill(victim, signal.SIGKILL)
     run.join(timeout=300)
     assert not run.is_alive()
-    return victim, result["records"]
+    return victim, result["run"]
 
 
 def test_a_killed_worker_is_restarted_and_its_volume_retried_by_default(tmp_path, scorer, local_ray):
     studies = _studies(tmp_path / "studies", 4)
     out = str(tmp_path / "ranking.csv")
-    victim, records = _kill_a_worker_mid_run(scorer, studies, out, RayEngine(scorer, workers=2))
-    last = rank_folder.last
+    victim, run = _kill_a_worker_mid_run(scorer, studies, out, RayEngine(scorer, workers=2))
+    last, records = run.summary, run.records
     assert last["lost"] == [] and last["not_started"] == [], last
     assert sorted(records) == [f"v{i}" for i in range(4)] and all("score" in r for r in records.values())
     assert victim not in [s["pid"] for s in last["worker_stats"]] and len(last["worker_stats"]) == 2
@@ -124,10 +126,11 @@ def test_a_killed_worker_loses_at_most_its_volume_and_a_rerun_scores_only_the_re
     studies = _studies(tmp_path / "studies", 6)
     out = str(tmp_path / "ranking.csv")
     parts = out + ".parts"
-    victim, records_first = _kill_a_worker_mid_run(scorer, studies, out, RayEngine(scorer, workers=2, retries=0))
+    victim, first = _kill_a_worker_mid_run(scorer, studies, out, RayEngine(scorer, workers=2, retries=0))
+    records_first = first.records
     result = {"records": records_first}
 
-    last = rank_folder.last
+    last = first.summary
     stats = last["worker_stats"]
     assert victim not in [s["pid"] for s in stats], "the killed worker still answered"
     lost = last["lost"] + last["not_started"]
@@ -139,8 +142,8 @@ def test_a_killed_worker_loses_at_most_its_volume_and_a_rerun_scores_only_the_re
     # Re-run (in-process here; Ray does the same): only the lost volume is scored, nothing else is touched.
     stamps = {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in os.listdir(parts)}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="lib.scoring.rank"):
-        records = rank_folder(scorer, studies, out, False, InProcessEngine(scorer))
+    with caplog.at_level(logging.INFO, logger="lib.importance.rank"):
+        records = rank_folder(scorer, studies, out, False, InProcessEngine(scorer)).records
     assert any(
         f"6 studies, {len(written)} already scored, {len(lost)} to score" in r.getMessage() for r in caplog.records
     )

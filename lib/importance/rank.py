@@ -1,6 +1,6 @@
 """Rank a whole study folder offline: score every CT, write an AbdomenAtlas-style priority CSV.
 
-    python -m lib.scoring.rank STUDIES --out ranking.csv [--models all] [--weights-dir DIR]
+    python -m lib.importance.rank STUDIES --out ranking.csv [--models all] [--weights-dir DIR]
 
 One JSON record per volume is written (atomically) beside the CSV as it finishes, so an interrupted
 run loses at most the volume in progress and a re-run scores only what is missing or stale (other
@@ -13,16 +13,18 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import logging
 import os
 import sys
-import tempfile
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List
 
-from lib.scoring.engine import ENGINES, InProcessEngine, file_stamp, is_current, make_engine
+from lib.files import atomic_open, file_stamp, read_json, write_json_atomic
+from lib.importance.engines import ENGINES, InProcessEngine, make_engine
+from lib.importance.records import is_current, is_scored
+from lib.transforms.recipe import AMP_MODES, PRESETS
 
-logger = logging.getLogger("lib.scoring.rank")
+logger = logging.getLogger("lib.importance.rank")
 
 EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
@@ -42,12 +44,18 @@ def record_path(parts_dir: str, image_id: str) -> str:
     return os.path.join(parts_dir, f"{image_id}.json")
 
 
-def load_record(parts_dir: str, image_id: str) -> Optional[Dict]:
-    try:
-        with open(record_path(parts_dir, image_id)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+@dataclass
+class RankRun:
+    """What one ``rank_folder`` call did: every volume's record (old and new), and the engine's summary
+    of this run (engine, workers, volumes lost with dead workers or never started)."""
+
+    records: Dict[str, Dict]
+    summary: Dict
+
+    @property
+    def missing(self) -> List[str]:
+        """Volumes this run should have scored but did not (workers lost): a re-run scores them."""
+        return self.summary.get("lost", []) + self.summary.get("not_started", [])
 
 
 def write_csv(path: str, records: Dict[str, Dict]) -> None:
@@ -55,9 +63,7 @@ def write_csv(path: str, records: Dict[str, Dict]) -> None:
     rows = sorted(
         records.items(), key=lambda kv: ("score" not in kv[1], -float(kv[1].get("score", 0)), kv[0])
     )
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".rank-", suffix=".csv", dir=folder)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rank", "id", "score", "organs_by_priority", "attention_ml", "error"])
         for i, (image_id, rec) in enumerate(rows, 1):
@@ -71,66 +77,58 @@ def write_csv(path: str, records: Dict[str, Dict]) -> None:
                     rec.get("error", ""),
                 ]
             )
-    os.replace(tmp, path)
 
 
-def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True, engine=None) -> Dict[str, Dict]:
+def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True, engine=None) -> RankRun:
     """Score every study of ``folder`` not already scored by the current models; write the CSV.
 
-    ``engine``: where volumes are scored (``lib.scoring.engine``; default: in this process). The
-    summary of the last run (workers, volumes lost by dead workers) is left in ``rank_folder.last``.
+    ``engine``: where volumes are scored (``lib.importance.engines``; default: in this process).
     """
-    from lib.weights.registry import write_json_atomic
-
     engine = engine or InProcessEngine(scorer)
     parts = out_csv + ".parts"
     os.makedirs(parts, exist_ok=True)
     files = study_files(folder)
     versions = scorer.versions()
     records: Dict[str, Dict] = {}
-    todo: List[str] = []
     for image_id, path in files.items():
-        rec = load_record(parts, image_id)
-        if rec is not None and is_current(rec, versions, file_stamp(path)):
-            records[image_id] = rec
-        else:
-            todo.append(image_id)
+        record = read_json(record_path(parts, image_id))
+        if record is not None and is_current(record, versions, file_stamp(path)):
+            records[image_id] = record
+    todo = [image_id for image_id in files if image_id not in records]
     logger.info(f"{len(files)} studies, {len(records)} already scored, {len(todo)} to score ({engine.name})")
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    bar = _progress_bar(len(todo)) if progress else None
 
-        bar = tqdm(total=len(todo), unit="volume", desc="scoring")
-
-    def store(image_id: str, rec: Dict):
-        write_json_atomic(record_path(parts, image_id), rec)
-        records[image_id] = rec
-        if "error" in rec:
-            logger.error(f"{image_id}: {rec['error']}")
+    def store(image_id: str, record: Dict):
+        write_json_atomic(record_path(parts, image_id), record)
+        records[image_id] = record
+        if "error" in record:
+            logger.error(f"{image_id}: {record['error']}")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(f"{image_id} {rec.get('score', 'error')}")
+            bar.set_postfix_str(f"{image_id} {record.get('score', 'error')}")
 
-    summary = engine.run([(i, files[i]) for i in todo], store)
+    run = RankRun(records, engine.run([(i, files[i]) for i in todo], store))
     if bar is not None:
         bar.close()
-    missing = summary.get("lost", []) + summary.get("not_started", [])
-    if missing:
-        logger.error(f"{len(missing)} volumes not scored (workers lost): {', '.join(missing[:20])}; run again to score them")
-    rank_folder.last = summary
+    if run.missing:
+        logger.error(
+            f"{len(run.missing)} volumes not scored (workers lost): {', '.join(run.missing[:20])}; run again to score them"
+        )
     write_csv(out_csv, records)
-    return records
+    return run
 
 
-rank_folder.last = {}
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="volume", desc="scoring")
 
 
 def build_scorer(args):
-    from lib.app import validate_checkpoint
+    from lib.networks import validate_checkpoint
     from lib.classes import label_set
     from lib.networks import BACKBONES
-    from lib.scoring.volume import VolumeScorer
-    from lib.transforms.recipe import PRESETS
+    from lib.importance.scorer import VolumeScorer
     from lib.weights import WeightsRegistry
 
     models = list(BACKBONES) if args.models == "all" else args.models.split(",")
@@ -156,7 +154,7 @@ def build_scorer(args):
 
 def parser() -> argparse.ArgumentParser:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    p = argparse.ArgumentParser(prog="python -m lib.scoring.rank", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lib.importance.rank", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("studies", help="folder of CT files (NIfTI or NRRD)")
     p.add_argument("--out", default="ranking.csv", help="CSV to write (per-volume records go to OUT.parts/)")
@@ -168,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="recipe", choices=("recipe", "fast"))
     p.add_argument("--overlap", type=float, default=None)
     p.add_argument("--sw-batch-size", type=int, default=None)
-    p.add_argument("--amp", default=None, choices=("none", "fp16", "bf16"))
+    p.add_argument("--amp", default=None, choices=AMP_MODES)
     p.add_argument("--entropy", default="positive", choices=("positive", "binary"))
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None,
@@ -197,12 +195,11 @@ def main(argv=None) -> int:
             else {}
         ),
     )
-    records = rank_folder(scorer, args.studies, args.out, progress=not args.no_progress, engine=engine)
-    n_ok = sum(1 for r in records.values() if "score" in r)
-    missing = rank_folder.last.get("lost", []) + rank_folder.last.get("not_started", [])
+    run = rank_folder(scorer, args.studies, args.out, progress=not args.no_progress, engine=engine)
+    n_ok = sum(1 for r in run.records.values() if is_scored(r))
     print(f"{n_ok} of {len(study_files(args.studies))} volumes scored; priority list: {args.out}")
-    if missing:
-        print(f"{len(missing)} volumes were lost with their workers; run the same command again to score them")
+    if run.missing:
+        print(f"{len(run.missing)} volumes were lost with their workers; run the same command again to score them")
         return 3
     return 0
 

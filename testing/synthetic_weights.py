@@ -7,13 +7,14 @@ logits, and server tests can save them as stand-in ``.pth`` files of the release
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import state_dict_in_released_format
+from lib.networks import state_dict_in_released_format
 
 
 def synthetic_value(key: str, shape: tuple, rs: np.random.RandomState) -> torch.Tensor:
@@ -56,7 +57,7 @@ def synthetic_released_state_dict(
     backbone) to skip building one. Save as ``{"net": result}`` to get a released-format file.
     """
     if model is None:
-        from . import build_network
+        from lib.networks import build_network
 
         model = build_network(backbone)
     rs = np.random.RandomState(seed)
@@ -64,3 +65,24 @@ def synthetic_released_state_dict(
         key: synthetic_value(key, tuple(value.shape), rs)
         for key, value in state_dict_in_released_format(model).items()
     }
+
+
+def write_synthetic_checkpoint(backbone: str, path: str, seed: int = 0) -> str:
+    """A checkpoint in the released format ({"net": {"module.*": ...}}) with synthetic weights."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"net": synthetic_released_state_dict(backbone, seed=seed), "epoch": 2100}, path)
+    return path
+
+
+def synthetic_registry(folder, backbone: str = "segresnet"):
+    """A WeightsRegistry under ``folder`` serving a synthetic checkpoint in the released format."""
+    from lib.networks import validate_checkpoint
+    from lib.weights import RELEASED_FILES, WeightsRegistry
+
+    weights = os.path.join(str(folder), "weights")
+    write_synthetic_checkpoint(backbone, os.path.join(weights, RELEASED_FILES[backbone]))
+    registry = WeightsRegistry(
+        os.path.join(str(folder), "model"), validate_checkpoint, weights_dir=weights, use_pretrained_model=False
+    )
+    registry.resolve(backbone)
+    return registry

@@ -14,13 +14,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from monai.transforms import Compose
 
-from lib.classes import CLASS_INDEX
-from lib.infers.predictor import NetworkCache, backbone_probs
-from lib.strategies.attention import AttentionResult, compute_attention
+from lib.networks.inference import BackboneSet, NetworkCache
+from lib.importance.attention import AttentionResult, compute_attention
 from lib.transforms.labels import organ_masks
 from lib.transforms.cache import open_cache
 from lib.transforms.recipe import Recipe, inference_pre_transforms
-from lib.weights.registry import WeightsRegistry, file_version
+from lib.weights.registry import WeightsRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +81,11 @@ class VolumeScorer:
         normalise_score: bool = False,
         cache_dir: Optional[str] = None,
     ):
-        self.backbones = list(backbones)
+        self.backbones = BackboneSet(backbones, registry, labels, cache)
         self.registry = registry
         self.labels = list(labels)
-        self.channels = [CLASS_INDEX[n] - 1 for n in self.labels]
         self.recipe = recipe
-        self.cache = cache or NetworkCache()
+        self.cache = self.backbones.cache
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.entropy = entropy
         self.normalise_score = normalise_score
@@ -97,11 +95,11 @@ class VolumeScorer:
         self._cache = open_cache(cache_dir, "score", recipe.preprocessing_key())
 
     def active(self) -> List[str]:
-        return [b for b in self.backbones if self.registry.available(b)]
+        return self.backbones.active()
 
     def versions(self) -> Dict[str, str]:
         """``{backbone: version}`` of the model files in use now: a score made with others is stale."""
-        return {b: file_version(self.registry.current_path(b)) for b in self.active()}
+        return self.backbones.versions()
 
     def preprocess(self, path: str):
         if self._cache is None:
@@ -122,11 +120,7 @@ class VolumeScorer:
 
     def probabilities(self, image) -> torch.Tensor:
         """(M, C, X, Y, Z) sigmoid probabilities of the active backbones on the working grid."""
-        active = self.active()
-        if not active:
-            raise RuntimeError(f"no weights loaded for {', '.join(self.backbones)}")
-        probs = backbone_probs(self.cache, self.registry, active, image, self.recipe, self.device, self.channels)
-        return torch.stack([p for _, p in probs])
+        return torch.stack([probs for _, probs in self.backbones.probabilities(image, self.recipe, self.device)])
 
     def attention(self, image) -> AttentionResult:
         probs = self.probabilities(image)

@@ -22,7 +22,8 @@ import time
 from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from lib.errors import describe_error
+from lib.importance.failures import describe_error
+from lib.files import file_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +33,6 @@ ENGINES = ("inprocess", "ray")
 Job = Tuple[str, str]  # (image id, image file)
 OnResult = Callable[[str, Dict], None]
 StillWanted = Optional[Callable[[str], bool]]  # asked just before a volume is started; False: skip it
-
-
-def file_stamp(path: str) -> Dict:
-    try:
-        st = os.stat(path)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    except OSError:
-        return {}
-
-
-def is_current(record: Dict, versions: Dict[str, str], stamp: Dict) -> bool:
-    """A stored record (score or error) was made by the model files in use now, on this very file."""
-    return bool(record) and record.get("models") == versions and record.get("file") == stamp
 
 
 def score_one(scorer, path: str) -> Dict:

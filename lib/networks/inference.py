@@ -1,4 +1,8 @@
-"""Per-backbone sigmoid probabilities on the working grid: the model part of inference and scoring."""
+"""Per-backbone sigmoid probabilities on the working grid: the model part of inference and scoring.
+
+``BackboneSet`` is what an infer task and the scorer share: which backbones they run, which of those
+have weights now, the network output channels of their labels, and one probability volume per backbone.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,18 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 
+from lib.classes import CLASS_INDEX
+from lib.files import file_version
 from lib.networks import build_network, load_checkpoint
-from lib.transforms.recipe import Recipe
+from lib.transforms.recipe import AMP_DTYPES, Recipe
 
 logger = logging.getLogger(__name__)
-
-_AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class _Channels(torch.nn.Module):
@@ -66,7 +70,7 @@ def autocast(device: torch.device, amp: str):
     """Mixed-precision context for ``amp`` ("none", "fp16", "bf16") on ``device``."""
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = _AMP[amp]
+    dtype = AMP_DTYPES[amp]
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.bfloat16  # CPU autocast has no fp16 kernels worth using
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -101,21 +105,43 @@ def sliding_window_probs(
     return torch.sigmoid(torch.as_tensor(logits).float())[0]
 
 
-def backbone_probs(
-    cache: NetworkCache,
-    registry,
-    backbones: Sequence[str],
-    image: torch.Tensor,
-    recipe: Recipe,
-    device: torch.device,
-    channels: Optional[Sequence[int]] = None,
-):
-    """Yield (backbone, sigmoid probabilities on the working grid) for each backbone, one at a time.
+class BackboneSet:
+    """The backbones a task runs, with their weights (a registry) and the output channels of its labels.
 
-    The one loop behind the infer tasks (which average) and the scorer (which stacks for the attention).
+    ``registry``: anything with ``available(backbone)``, ``current_path(backbone)`` and ``info(backbone)``
+    (``lib.weights.WeightsRegistry``); a backbone is used while it has weights, so a model published by
+    a round, or a file that appears later, is picked up without a restart.
     """
-    if not backbones:
-        raise RuntimeError("no backbone has weights loaded")
-    for b in backbones:
-        net = cache.get(b, registry.current_path(b), device)
-        yield b, sliding_window_probs(net, image, recipe, device, channels)
+
+    def __init__(self, backbones: Sequence[str], registry, labels: Sequence[str], cache: Optional[NetworkCache] = None):
+        self.names = list(backbones)
+        self.registry = registry
+        self.labels = list(labels)
+        # Network output channel of each label (released order, class index = channel + 1).
+        self.channels = [CLASS_INDEX[name] - 1 for name in self.labels]
+        self.cache = cache or NetworkCache()
+
+    def active(self) -> List[str]:
+        """The backbones that have weights now."""
+        return [b for b in self.names if self.registry.available(b)]
+
+    def versions(self) -> Dict[str, str]:
+        """``{backbone: version}`` of the model files in use now: a result made with others is stale."""
+        return {b: file_version(self.registry.current_path(b)) for b in self.active()}
+
+    def why_unavailable(self) -> str:
+        """Why none of the backbones has weights (the registry's problem per backbone)."""
+        return "; ".join(f"{b}: {self.registry.info(b).get('problem') or 'no weights'}" for b in self.names)
+
+    def probabilities(self, image: torch.Tensor, recipe: Recipe, device: torch.device) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Yield (backbone, sigmoid probabilities (C, X, Y, Z) of the labels) for each active backbone, one
+        at a time, so a caller that averages holds one volume besides its sum.
+
+        Raises RuntimeError naming the backbones when none has weights.
+        """
+        active = self.active()
+        if not active:
+            raise RuntimeError(f"no weights loaded for {', '.join(self.names)}")
+        for backbone in active:
+            net = self.cache.get(backbone, self.registry.current_path(backbone), device)
+            yield backbone, sliding_window_probs(net, image, recipe, device, self.channels)

@@ -6,7 +6,7 @@ import csv
 import os
 
 from lib.data.phantoms import make_phantom, write_phantom
-from lib.scoring.rank import main
+from lib.importance.rank import main
 from lib.weights import RELEASED_FILES
 from support import write_synthetic_checkpoint
 
@@ -39,7 +39,7 @@ def test_rank_writes_a_priority_csv_and_a_rerun_scores_only_what_changed(tmp_pat
     os.remove(os.path.join(out + ".parts", "v1.json"))
     write_phantom(make_phantom(99, shape=(48, 48, 32), spacing_mm=(3.0, 3.0, 4.0)), str(studies), "v2", None)
     caplog.clear()
-    with caplog.at_level("INFO", logger="lib.scoring.rank"):
+    with caplog.at_level("INFO", logger="lib.importance.rank"):
         assert main(args) == 0
     assert any("4 studies, 2 already scored, 2 to score" in r.getMessage() for r in caplog.records)
     assert len(_read(out)) == 4

@@ -1,6 +1,6 @@
-"""The torch attention maps (lib/strategies/attention.py) against the numpy+scipy reference.
+"""The torch attention maps (lib/importance/attention.py) against the numpy+scipy reference.
 
-The reference (lib/strategies/attention_reference.py) is the formula of ../shared/suprem/README.md
+The reference (testing/attention_reference.py) is the formula of ../shared/suprem/README.md
 transcribed organ by organ with scipy.ndimage; the torch version must give the same binary maps voxel
 for voxel, the same heat (1e-6), score and organ priority. Inputs are float64 so that both compute in
 the same precision (float32 inputs are checked separately, less strictly).
@@ -17,8 +17,8 @@ import torch
 from scipy import ndimage
 
 from lib.classes import CLASS_INDEX, LABEL_SETS, OVERLAP_ORGANS, TOTALSEG_TO_SUPREM, mapping_lut
-from lib.strategies import attention as att
-from lib.strategies.attention_reference import reference_attention
+from lib.importance import attention as att
+from testing.attention_reference import reference_attention
 
 MAPS = ("uncertain", "inconsistent", "overlap", "attention")
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
