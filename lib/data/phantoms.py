@@ -25,14 +25,14 @@ import argparse
 import gzip
 import math
 import os
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
 
-from ..classes import CLASS_INDEX, LABEL_SETS
+from lib.classes import CLASS_INDEX, LABEL_SETS
+from lib.files import atomic_open
 
 STRUCTURES: List[str] = list(LABEL_SETS["atlas25"])
 PHASES: Tuple[str, ...] = ("native", "arterial", "portal")
@@ -386,86 +386,157 @@ _SPINE_Z = np.array([-420, -250, -190, -150, -100, 0, 100, 200], np.float32)
 _SPINE_Y = np.array([-95, -95, -92, -60, -54, -60, -66, -70], np.float32)
 
 
+class _Draws:
+    """The random draws of the plan, all from one generator, in the order they are asked for."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def normal(self, sd, size=None):
+        """Zero-mean normal draws of standard deviation ``sd``: one float, or an array of ``size``."""
+        return self.rng.normal(0.0, sd, size)
+
+    def jitter(self, sd) -> np.ndarray:
+        """A random 3-vector offset (mm), normal with standard deviation ``sd``."""
+        return self.rng.normal(0.0, sd, 3)
+
+    def uniform(self, lo, hi) -> float:
+        """One uniform draw from [lo, hi)."""
+        return float(self.rng.uniform(lo, hi))
+
+    def scale(self, lo=0.88, hi=1.12) -> np.ndarray:
+        """Three uniform scale factors from [lo, hi), one per axis."""
+        return self.rng.uniform(lo, hi, 3)
+
+    def path(self, pts, s_all=4.0, s_each=3.0) -> np.ndarray:
+        """Control points ``pts`` (N, 3) shifted together by a ``s_all`` jitter, then each by a ``s_each`` one."""
+        pts = np.asarray(pts, float)
+        return pts + self.jitter(s_all) + self.rng.normal(0.0, s_each, pts.shape)
+
+
 def _plan(rng: np.random.Generator) -> dict:
     """Shapes (reference mm) and per-patient parameters. The draws happen in a fixed order and no
-    later step draws from this generator, so one seed is one patient whatever the grid or site."""
+    later step draws from this generator, so one seed is one patient whatever the grid or site.
 
-    def J(s):
-        return rng.normal(0.0, s, 3)
+    Returns the plan: the patient parameters of :func:`_plan_patient`, ``organs`` (name -> list of
+    shapes), ``femur_heads`` (name -> centre) and the unlabelled shapes of :func:`_plan_unlabelled`.
+    """
+    draw = _Draws(rng)
+    p = _plan_patient(draw)
+    organs = p["organs"]
+    midline_x = draw.uniform(-3, 3)  # midline shift of the retroperitoneum
+    organs.update(_plan_solid_organs(draw, midline_x))
+    organs.update(_plan_upper_gut(draw, midline_x))
+    organs.update(_plan_great_vessels(draw, midline_x))
+    organs["hepatic_vessel"] = _plan_hepatic_vessels(draw)
+    organs.update(_plan_bowel_and_pelvic_organs(draw))
+    p["femur_heads"], femurs = _plan_femurs(draw)
+    organs.update(femurs)
+    p.update(_plan_unlabelled(draw, p["femur_heads"]))
+    return p
 
-    def U(a, b):
-        return float(rng.uniform(a, b))
 
-    def S(lo=0.88, hi=1.12):
-        return rng.uniform(lo, hi, 3)
-
-    def path(pts, s_all=4.0, s_each=3.0):
-        pts = np.asarray(pts, float)
-        return pts + J(s_all) + rng.normal(0.0, s_each, pts.shape)
-
+def _plan_patient(draw: _Draws) -> dict:
+    """Whole-patient parameters: warp and bump field coefficients, body size, fat and wall thickness,
+    diaphragm domes, per-structure HU jitter, disc phase. Returns them in a new plan dict, whose
+    ``organs`` is still empty."""
     p: dict = {"organs": {}}
-    p["disp"] = rng.normal(0.0, 1.0, (3, 4, 4, 6))
-    p["disp_mm"] = U(5.0, 9.0)
-    p["bump"] = rng.normal(0.0, 1.0, (9, 9, 14))
-    p["body_w"] = U(0.95, 1.05)
-    p["belly"] = U(0.92, 1.10)
-    p["fat_mm"] = U(8.0, 26.0)
-    p["wall_mm"] = U(9.0, 13.0)
-    p["dome"] = (U(108, 120), U(98, 110))  # right, left diaphragm dome height
-    p["hu_jitter"] = {n: float(rng.normal(0.0, 5.0)) for n in STRUCTURES}
-    p["disc_phase"] = U(0, 32)
-    o = p["organs"]
-    xs = U(-3, 3)  # midline shift of the retroperitoneum
+    p["disp"] = draw.normal(1.0, (3, 4, 4, 6))
+    p["disp_mm"] = draw.uniform(5.0, 9.0)
+    p["bump"] = draw.normal(1.0, (9, 9, 14))
+    p["body_w"] = draw.uniform(0.95, 1.05)
+    p["belly"] = draw.uniform(0.92, 1.10)
+    p["fat_mm"] = draw.uniform(8.0, 26.0)
+    p["wall_mm"] = draw.uniform(9.0, 13.0)
+    p["dome"] = (draw.uniform(108, 120), draw.uniform(98, 110))  # right, left diaphragm dome height
+    p["hu_jitter"] = {n: float(draw.normal(5.0)) for n in STRUCTURES}
+    p["disc_phase"] = draw.uniform(0, 32)
+    return p
 
-    # Solid upper-abdominal organs.
-    c = np.array([70.0, -5.0, 52.0]) + J(5)
-    o["liver"] = [
-        _Ell(c, np.array([62.0, 70.0, 72.0]) * S(), _rot(*rng.normal(0, 6, 3)), 0.06),
-        _Ell(np.array([8.0, 38.0, 64.0]) + J(6), np.array([55.0, 32.0, 36.0]) * S(),
-             _rot(0, 0, U(-15, 5)), 0.06),
+
+def _plan_solid_organs(draw: _Draws, midline_x: float) -> Dict[str, list]:
+    """Solid upper-abdominal organs: liver, spleen, kidneys, adrenal glands, gall bladder
+    (``midline_x``: shift of the retroperitoneum, mm). Returns their shapes by name."""
+    organs: Dict[str, list] = {}
+    liver_centre = np.array([70.0, -5.0, 52.0]) + draw.jitter(5)
+    organs["liver"] = [
+        _Ell(liver_centre, np.array([62.0, 70.0, 72.0]) * draw.scale(), _rot(*draw.normal(6, 3)), 0.06),
+        _Ell(np.array([8.0, 38.0, 64.0]) + draw.jitter(6), np.array([55.0, 32.0, 36.0]) * draw.scale(),
+             _rot(0, 0, draw.uniform(-15, 5)), 0.06),
     ]
-    o["spleen"] = [_Ell(np.array([-95.0, -35.0, 52.0]) + J(6), np.array([20.0, 40.0, 50.0]) * S(),
-                        _rot(U(20, 35), 0, U(-30, -10)), 0.06)]
-    kz = U(-8, 8)
-    o["kidney_right"] = [_Ell(np.array([64.0 + xs, -45.0, -28.0 + kz]) + J(4), np.array([27.0, 24.0, 52.0]) * S(0.92, 1.08),
-                              _rot(0, -15 + U(-5, 5), U(20, 35)), 0.04)]
-    o["kidney_left"] = [_Ell(np.array([-64.0 + xs, -45.0, -12.0 + kz]) + J(4), np.array([27.0, 24.0, 52.0]) * S(0.92, 1.08),
-                             _rot(0, 15 + U(-5, 5), -U(20, 35)), 0.04)]
-    o["adrenal_gland_right"] = [_Ell(np.array([44.0 + xs, -36.0, 40.0]) + J(3), np.array([7.0, 15.0, 18.0]) * S(0.9, 1.1),
-                                     _rot(0, 0, U(-35, -15)), 0.05)]
-    o["adrenal_gland_left"] = [_Ell(np.array([-42.0 + xs, -34.0, 34.0]) + J(3), np.array([7.0, 15.0, 18.0]) * S(0.9, 1.1),
-                                    _rot(0, 0, U(15, 35)), 0.05)]
-    o["gall_bladder"] = [_Ell(np.array([52.0, 40.0, 2.0]) + J(5), np.array([14.0, 14.0, 30.0]) * S(),
-                              _rot(U(30, 50), U(-10, 10), 0), 0.05)]
+    organs["spleen"] = [_Ell(np.array([-95.0, -35.0, 52.0]) + draw.jitter(6),
+                             np.array([20.0, 40.0, 50.0]) * draw.scale(),
+                             _rot(draw.uniform(20, 35), 0, draw.uniform(-30, -10)), 0.06)]
+    kidney_dz = draw.uniform(-8, 8)
+    organs["kidney_right"] = [_Ell(np.array([64.0 + midline_x, -45.0, -28.0 + kidney_dz]) + draw.jitter(4),
+                                   np.array([27.0, 24.0, 52.0]) * draw.scale(0.92, 1.08),
+                                   _rot(0, -15 + draw.uniform(-5, 5), draw.uniform(20, 35)), 0.04)]
+    organs["kidney_left"] = [_Ell(np.array([-64.0 + midline_x, -45.0, -12.0 + kidney_dz]) + draw.jitter(4),
+                                  np.array([27.0, 24.0, 52.0]) * draw.scale(0.92, 1.08),
+                                  _rot(0, 15 + draw.uniform(-5, 5), -draw.uniform(20, 35)), 0.04)]
+    organs["adrenal_gland_right"] = [_Ell(np.array([44.0 + midline_x, -36.0, 40.0]) + draw.jitter(3),
+                                          np.array([7.0, 15.0, 18.0]) * draw.scale(0.9, 1.1),
+                                          _rot(0, 0, draw.uniform(-35, -15)), 0.05)]
+    organs["adrenal_gland_left"] = [_Ell(np.array([-42.0 + midline_x, -34.0, 34.0]) + draw.jitter(3),
+                                         np.array([7.0, 15.0, 18.0]) * draw.scale(0.9, 1.1),
+                                         _rot(0, 0, draw.uniform(15, 35)), 0.05)]
+    organs["gall_bladder"] = [_Ell(np.array([52.0, 40.0, 2.0]) + draw.jitter(5),
+                                   np.array([14.0, 14.0, 30.0]) * draw.scale(),
+                                   _rot(draw.uniform(30, 50), draw.uniform(-10, 10), 0), 0.05)]
+    return organs
 
-    # Hollow viscera of the upper abdomen.
-    o["stomach"] = [_tube(path([[-50, -8, 88], [-58, 10, 65], [-55, 25, 42], [-35, 42, 18], [-5, 45, 8], [20, 34, 6]]),
-                          np.array([30, 32, 30, 24, 18, 13]) * U(0.85, 1.15), bump=0.08)]
-    o["esophagus"] = [_tube(path([[-2 + xs, -30, 175], [-6, -24, 140], [-15, -12, 112], [-30, 0, 95], [-42, 0, 86]],
-                                 2.0, 1.5), np.array([8, 8, 8, 9, 10]), bump=0.04)]
-    o["duodenum"] = [_tube(path([[20, 34, 6], [42, 14, 8], [50, -4, -10], [48, -6, -40], [28, -1, -60],
-                                 [-5, 0, -62], [-25, -2, -46], [-32, 6, -30]]), np.full(8, 11.0) * U(0.9, 1.1))]
-    o["pancreas"] = [_tube(path([[30, -4, -32], [24, 0, -18], [10, 6, -8], [-25, 6, 0], [-58, -6, 14], [-78, -18, 24]]),
-                           np.array([15, 14, 12, 11, 10, 8]) * U(0.88, 1.12), bump=0.1)]
 
-    # Vessels.
-    o["aorta"] = [_tube(path([[-28 + xs, -45, 180], [-18 + xs, -33, 90], [-12 + xs, -28, 20], [-10 + xs, -26, -60],
-                              [-8 + xs, -24, -145]], 2.0, 1.5), np.array([13, 12, 11, 10, 9]) * U(0.9, 1.1), bump=0.03)]
-    o["postcava"] = [_tube(path([[22 + xs, -22, -145], [22 + xs, -22, -60], [25, -22, 0], [28, -24, 50], [16, -15, 108],
-                                 [12, -8, 128]], 2.0, 1.5), np.array([10, 11, 12, 12, 13, 13]) * U(0.9, 1.1), bump=0.03)]
-    ca = o["aorta"][0]
-    zc = U(5, 12)
-    org = ca.pts[np.argmin(np.abs(ca.pts[:, 2] - zc))]  # celiac leaves the aorta's front wall
-    o["celiac_trunk"] = [
-        _tube(org + np.array([[0, 6, 0], [1, 22, 3], [4, 28, 7]]) + rng.normal(0, 1.5, (3, 3)), [5.5, 5.5, 5.0], 3, 0.03),
-        _tube(org + np.array([[4, 28, 7], [20, 26, 9], [34, 20, 10]]) + rng.normal(0, 2, (3, 3)), [4.5, 4.0, 4.0], 3, 0.03),
-        _tube(org + np.array([[4, 28, 7], [-14, 24, 10], [-30, 18, 12]]) + rng.normal(0, 2, (3, 3)), [4.5, 4.0, 4.0], 3, 0.03),
+def _plan_upper_gut(draw: _Draws, midline_x: float) -> Dict[str, list]:
+    """Hollow viscera of the upper abdomen (stomach, esophagus, duodenum) and the pancreas.
+    Returns their shapes by name."""
+    return {
+        "stomach": [_tube(draw.path([[-50, -8, 88], [-58, 10, 65], [-55, 25, 42], [-35, 42, 18], [-5, 45, 8],
+                                     [20, 34, 6]]),
+                          np.array([30, 32, 30, 24, 18, 13]) * draw.uniform(0.85, 1.15), bump=0.08)],
+        "esophagus": [_tube(draw.path([[-2 + midline_x, -30, 175], [-6, -24, 140], [-15, -12, 112], [-30, 0, 95],
+                                       [-42, 0, 86]], 2.0, 1.5),
+                            np.array([8, 8, 8, 9, 10]), bump=0.04)],
+        "duodenum": [_tube(draw.path([[20, 34, 6], [42, 14, 8], [50, -4, -10], [48, -6, -40], [28, -1, -60],
+                                      [-5, 0, -62], [-25, -2, -46], [-32, 6, -30]]),
+                           np.full(8, 11.0) * draw.uniform(0.9, 1.1))],
+        "pancreas": [_tube(draw.path([[30, -4, -32], [24, 0, -18], [10, 6, -8], [-25, 6, 0], [-58, -6, 14],
+                                      [-78, -18, 24]]),
+                           np.array([15, 14, 12, 11, 10, 8]) * draw.uniform(0.88, 1.12), bump=0.1)],
+    }
+
+
+def _plan_great_vessels(draw: _Draws, midline_x: float) -> Dict[str, list]:
+    """Aorta, postcava (inferior vena cava), celiac trunk and portal/splenic vein.
+    Returns their shapes by name."""
+    organs: Dict[str, list] = {}
+    organs["aorta"] = [_tube(draw.path([[-28 + midline_x, -45, 180], [-18 + midline_x, -33, 90],
+                                        [-12 + midline_x, -28, 20], [-10 + midline_x, -26, -60],
+                                        [-8 + midline_x, -24, -145]], 2.0, 1.5),
+                             np.array([13, 12, 11, 10, 9]) * draw.uniform(0.9, 1.1), bump=0.03)]
+    organs["postcava"] = [_tube(draw.path([[22 + midline_x, -22, -145], [22 + midline_x, -22, -60], [25, -22, 0],
+                                           [28, -24, 50], [16, -15, 108], [12, -8, 128]], 2.0, 1.5),
+                                np.array([10, 11, 12, 12, 13, 13]) * draw.uniform(0.9, 1.1), bump=0.03)]
+    aorta = organs["aorta"][0]
+    celiac_z = draw.uniform(5, 12)
+    origin = aorta.pts[np.argmin(np.abs(aorta.pts[:, 2] - celiac_z))]  # celiac leaves the aorta's front wall
+    organs["celiac_trunk"] = [
+        _tube(origin + np.array([[0, 6, 0], [1, 22, 3], [4, 28, 7]]) + draw.normal(1.5, (3, 3)),
+              [5.5, 5.5, 5.0], 3, 0.03),
+        _tube(origin + np.array([[4, 28, 7], [20, 26, 9], [34, 20, 10]]) + draw.normal(2, (3, 3)),
+              [4.5, 4.0, 4.0], 3, 0.03),
+        _tube(origin + np.array([[4, 28, 7], [-14, 24, 10], [-30, 18, 12]]) + draw.normal(2, (3, 3)),
+              [4.5, 4.0, 4.0], 3, 0.03),
     ]
-    o["portal_vein_and_splenic_vein"] = [_tube(path([[-80, -26, 26], [-45, -10, 4], [-5, -6, -8], [15, -2, 8],
-                                                     [35, 3, 25], [55, 5, 36]], 3.0, 2.0),
-                                               [5, 6, 7, 7.5, 7, 6], bump=0.03)]
-    hv = []
-    for a, b, r0 in (
+    organs["portal_vein_and_splenic_vein"] = [_tube(draw.path([[-80, -26, 26], [-45, -10, 4], [-5, -6, -8], [15, -2, 8],
+                                                               [35, 3, 25], [55, 5, 36]], 3.0, 2.0),
+                                                    [5, 6, 7, 7.5, 7, 6], bump=0.03)]
+    return organs
+
+
+def _plan_hepatic_vessels(draw: _Draws) -> list:
+    """Hepatic veins and intrahepatic portal branches. Returns their shapes (one tube each)."""
+    branches = []
+    for start, end, r0 in (
         ([16, -15, 108], [110, -15, 62], 6),  # right hepatic vein
         ([16, -15, 108], [62, 35, 52], 5),  # middle
         ([16, -15, 108], [-5, 42, 76], 5),  # left
@@ -473,65 +544,93 @@ def _plan(rng: np.random.Generator) -> dict:
         ([55, 5, 36], [100, -32, 26], 5),
         ([55, 5, 36], [5, 34, 56], 4),
     ):
-        a, b = np.array(a, float), np.array(b, float) + J(6)
-        mid = (a + b) / 2 + J(6)
-        hv.append(_tube([a, mid, b], [r0, r0 * 0.8, 3.0], 3, 0.05))
-    o["hepatic_vessel"] = hv
+        start, end = np.array(start, float), np.array(end, float) + draw.jitter(6)
+        mid = (start + end) / 2 + draw.jitter(6)
+        branches.append(_tube([start, mid, end], [r0, r0 * 0.8, 3.0], 3, 0.05))
+    return branches
 
-    # Bowel: a persistent random walk kept inside the mesenteric space for the small bowel,
-    # a jittered frame for the colon.
+
+def _small_bowel_walk(draw: _Draws) -> np.ndarray:
+    """Centre line of the small bowel: a persistent random walk kept inside the mesenteric space.
+    Returns its 65 points (mm)."""
     walk = [np.array([-32.0, 6.0, -32.0])]
     direction = np.array([0.3, 0.5, -0.8])
     centre, radii = np.array([0.0, 22.0, -125.0]), np.array([72.0, 46.0, 75.0])
     for _ in range(64):
-        direction = direction + rng.normal(0, 0.7, 3)
+        direction = direction + draw.normal(0.7, 3)
         nxt = walk[-1] + 17.0 * direction / np.linalg.norm(direction)
         if np.sum(((nxt - centre) / radii) ** 2) > 1.0:  # turn back into the mesenteric space
-            direction = (centre - walk[-1]) / np.linalg.norm(centre - walk[-1]) + rng.normal(0, 0.3, 3)
+            direction = (centre - walk[-1]) / np.linalg.norm(centre - walk[-1]) + draw.normal(0.3, 3)
             nxt = walk[-1] + 17.0 * direction / np.linalg.norm(direction)
         walk.append(nxt)
-    o["intestine"] = [_Tube(np.array(walk), np.full(len(walk), 11.5) * U(0.9, 1.1), 0.08)]
-    o["colon"] = [_tube(path([[72, 12, -125], [86, -2, -92], [82, 2, -55], [70, 25, -36], [35, 48, -55], [0, 52, -72],
-                              [-40, 48, -52], [-82, 25, -16], [-94, -6, -50], [-90, -6, -110], [-80, 5, -150],
-                              [-50, 28, -170], [-15, 20, -184], [-4, -25, -196], [0, -45, -206]], 3.0, 3.0),
-                         np.array([26, 24, 22, 22, 21, 21, 21, 21, 20, 19, 18, 17, 16, 16, 17]) * U(0.85, 1.1), bump=0.1)]
-    o["rectum"] = [_tube(path([[0, -45, -206], [0, -56, -240], [0, -44, -278], [0, -28, -300]], 2.0, 2.0),
-                         [17, 19, 15, 10], bump=0.06)]
-    o["bladder"] = [_Ell(np.array([0.0, 34.0, -226.0]) + J(4), np.array([38.0, 31.0, 27.0]) * S(0.8, 1.15), None, 0.04)]
-    o["prostate"] = [_Ell(np.array([0.0, 16.0, -262.0]) + J(2), np.array([17.0, 13.0, 14.0]) * S(0.9, 1.15), None, 0.05)]
+    return np.array(walk)
 
-    # Femora: head, neck, greater trochanter, shaft.
+
+def _plan_bowel_and_pelvic_organs(draw: _Draws) -> Dict[str, list]:
+    """Small bowel (a random walk), colon (a jittered frame), rectum, bladder and prostate.
+    Returns their shapes by name."""
+    walk = _small_bowel_walk(draw)
+    organs: Dict[str, list] = {}
+    organs["intestine"] = [_Tube(walk, np.full(len(walk), 11.5) * draw.uniform(0.9, 1.1), 0.08)]
+    organs["colon"] = [_tube(draw.path([[72, 12, -125], [86, -2, -92], [82, 2, -55], [70, 25, -36], [35, 48, -55],
+                                        [0, 52, -72], [-40, 48, -52], [-82, 25, -16], [-94, -6, -50], [-90, -6, -110],
+                                        [-80, 5, -150], [-50, 28, -170], [-15, 20, -184], [-4, -25, -196],
+                                        [0, -45, -206]], 3.0, 3.0),
+                             np.array([26, 24, 22, 22, 21, 21, 21, 21, 20, 19, 18, 17, 16, 16, 17])
+                             * draw.uniform(0.85, 1.1), bump=0.1)]
+    organs["rectum"] = [_tube(draw.path([[0, -45, -206], [0, -56, -240], [0, -44, -278], [0, -28, -300]], 2.0, 2.0),
+                              [17, 19, 15, 10], bump=0.06)]
+    organs["bladder"] = [_Ell(np.array([0.0, 34.0, -226.0]) + draw.jitter(4),
+                              np.array([38.0, 31.0, 27.0]) * draw.scale(0.8, 1.15), None, 0.04)]
+    organs["prostate"] = [_Ell(np.array([0.0, 16.0, -262.0]) + draw.jitter(2),
+                               np.array([17.0, 13.0, 14.0]) * draw.scale(0.9, 1.15), None, 0.05)]
+    return organs
+
+
+def _plan_femurs(draw: _Draws) -> Tuple[Dict[str, np.ndarray], Dict[str, list]]:
+    """Femora: head, neck, greater trochanter, shaft. Returns (head centre by femur name, shapes by
+    femur name), right femur first."""
+    heads: Dict[str, np.ndarray] = {}
+    organs: Dict[str, list] = {}
     for name, sx in (("femur_right", 1.0), ("femur_left", -1.0)):
-        head = np.array([sx * 92.0, 5.0, -258.0]) + J(2)
-        p.setdefault("femur_heads", {})[name] = head
-        o[name] = [
-            _Ell(head, np.full(3, 23.0) * U(0.95, 1.05), None, 0.01),
+        head = np.array([sx * 92.0, 5.0, -258.0]) + draw.jitter(2)
+        heads[name] = head
+        organs[name] = [
+            _Ell(head, np.full(3, 23.0) * draw.uniform(0.95, 1.05), None, 0.01),
             _tube([head, head + [sx * 30, -8, -26]], [15, 15], 1, 0.02),
             _Ell(head + [sx * 38, -12, -30], np.array([16.0, 18.0, 20.0]), None, 0.03),
             _tube([head + [sx * 34, -10, -30], head + [sx * 30, -4, -160]], [16, 15], 1, 0.02),
         ]
+    return heads, organs
 
-    # Unlabelled: heart, pelvic bones, psoas, iliac vessels (lungs come from the diaphragm dome).
-    p["heart"] = _Ell(np.array([-15.0, 30.0, 172.0]) + J(5), np.array([66.0, 46.0, 55.0]) * S(0.95, 1.05), _rot(0, 0, -20), 0.03)
-    p["pelvis"] = []
-    p["psoas"] = []
-    p["iliac"] = []
+
+def _plan_unlabelled(draw: _Draws, femur_heads: Dict[str, np.ndarray]) -> dict:
+    """Unlabelled structures: heart, pelvic bones, psoas, iliac vessels, acetabula, sacrum (the lungs
+    come from the diaphragm dome). Returns them by plan key."""
+    shapes: dict = {}
+    shapes["heart"] = _Ell(np.array([-15.0, 30.0, 172.0]) + draw.jitter(5),
+                           np.array([66.0, 46.0, 55.0]) * draw.scale(0.95, 1.05), _rot(0, 0, -20), 0.03)
+    shapes["pelvis"] = []
+    shapes["psoas"] = []
+    shapes["iliac"] = []
     for sx in (1.0, -1.0):
-        h = p["femur_heads"]["femur_right" if sx > 0 else "femur_left"]
-        p["pelvis"] += [
+        head = femur_heads["femur_right" if sx > 0 else "femur_left"]
+        shapes["pelvis"] += [
             # Iliac wing: a plate from the sacroiliac joint (posteromedial) to the anterior spine (anterolateral).
             _Ell(np.array([sx * 88.0, -50.0, -178.0]), np.array([10.0, 46.0, 50.0]), _rot(0, sx * 10, -sx * 35), 0.04),
-            _tube([h + [-sx * 16, 14, -6], [sx * 10, 46, -272]], [10, 9], 1, 0.04),  # pubic ramus
-            _tube([h + [-sx * 10, -16, -6], [sx * 58, -22, -302]], [13, 11], 1, 0.04),  # ischium
-            _tube([h + [-sx * 4, -10, 26], [sx * 80, -36, -150]], [20, 14], 1, 0.04),  # iliac body
+            _tube([head + [-sx * 16, 14, -6], [sx * 10, 46, -272]], [10, 9], 1, 0.04),  # pubic ramus
+            _tube([head + [-sx * 10, -16, -6], [sx * 58, -22, -302]], [13, 11], 1, 0.04),  # ischium
+            _tube([head + [-sx * 4, -10, 26], [sx * 80, -36, -150]], [20, 14], 1, 0.04),  # iliac body
         ]
-        p["psoas"].append(_tube([[sx * 24, -52, -10], [sx * 36, -46, -100], [sx * 52, -30, -170], [sx * 74, -6, -232]],
-                                [6, 17, 20, 14], 3, 0.05))
-        p["iliac"].append(_tube([[sx * 4 - 8, -24, -140], [sx * 45 - 4, -26, -188], [sx * 78, -6, -238]], [7, 6.5, 6], 3, 0.03))
-        p["iliac"].append(_tube([[sx * 8 + 22, -22, -140], [sx * 40 + 2, -34, -190], [sx * 72, -14, -240]], [8, 8, 7.5], 3, 0.03))
-    p["acetabula"] = [_Ell(p["femur_heads"][n], np.full(3, 32.0), None, 0.0) for n in ("femur_right", "femur_left")]
-    p["sacrum"] = _Ell(np.array([0.0, -92.0, -198.0]), np.array([44.0, 17.0, 48.0]), _rot(-25, 0, 0), 0.03)
-    return p
+        shapes["psoas"].append(_tube([[sx * 24, -52, -10], [sx * 36, -46, -100], [sx * 52, -30, -170],
+                                      [sx * 74, -6, -232]], [6, 17, 20, 14], 3, 0.05))
+        shapes["iliac"].append(_tube([[sx * 4 - 8, -24, -140], [sx * 45 - 4, -26, -188], [sx * 78, -6, -238]],
+                                     [7, 6.5, 6], 3, 0.03))
+        shapes["iliac"].append(_tube([[sx * 8 + 22, -22, -140], [sx * 40 + 2, -34, -190], [sx * 72, -14, -240]],
+                                     [8, 8, 7.5], 3, 0.03))
+    shapes["acetabula"] = [_Ell(femur_heads[n], np.full(3, 32.0), None, 0.0) for n in ("femur_right", "femur_left")]
+    shapes["sacrum"] = _Ell(np.array([0.0, -92.0, -198.0]), np.array([44.0, 17.0, 48.0]), _rot(-25, 0, 0), 0.03)
+    return shapes
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,6 +881,15 @@ class _Painter:
                 self.hu[sl][hit] = self.tissue("visceral_fat")
         self.organ(name, where=self.in_cavity)
 
+    def renal_sinus(self):
+        """Fat at each kidney's medial notch, so that kidneys look bean-shaped rather than like eggs."""
+        for name, sgn in (("kidney_right", 1.0), ("kidney_left", -1.0)):
+            for s in self.p["organs"][name]:
+                R = np.eye(3) if s.R is None else s.R
+                hilum = s.c + R @ np.array([-sgn * 0.95 * s.r[0], 0.35 * s.r[1], 0.0])
+                notch = _render(self.g, [_Ell(hilum, np.array([0.5, 0.5, 0.45]) * s.r[[0, 0, 2]], R, 0.05)])
+                self.paint(notch, 0, self.tissue("visceral_fat"), only_label=CLASS_INDEX[name])
+
     def femurs(self):
         for name in ("femur_right", "femur_left"):
             parts = self.p["organs"][name]
@@ -848,6 +956,7 @@ def _streaks(hu: np.ndarray, body: np.ndarray, g: _Grid, p: dict, spacing) -> No
 
 
 def _resolve_site(site) -> PhantomSite:
+    """The :class:`PhantomSite` of a site, a key of :data:`SITES` or None (the default site)."""
     if site is None:
         return SITES[DEFAULT_SITE]
     if isinstance(site, str):
@@ -856,6 +965,132 @@ def _resolve_site(site) -> PhantomSite:
         except KeyError:
             raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}") from None
     return site
+
+
+def _checked_request(shape, spacing_mm, site, hard) -> Tuple[PhantomSite, Tuple[int, ...], Tuple[float, ...]]:
+    """The resolved site, the shape (ints) and the spacing (the site's when ``spacing_mm`` is None) of a
+    :func:`make_phantom` request; ``ValueError`` for an unknown site or hard case, or a bad shape or spacing."""
+    site = _resolve_site(site)
+    if hard is not None and hard not in HARD_CASES:
+        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES)} or None")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 16:
+        raise ValueError(f"shape must be 3 sizes >= 16 voxels, got {shape}")
+    spacing = tuple(float(s) for s in (spacing_mm if spacing_mm is not None else site.spacing_mm))
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing_mm must be 3 positive sizes, got {spacing}")
+    return site, shape, spacing
+
+
+@dataclass
+class _Placement:
+    """Where the reference body lies in the field of view."""
+
+    centre_vox: Tuple[float, float]  # voxel (i, j) of the reference body's in-plane origin
+    scale: Tuple[float, float, float]  # mm per reference mm along x, y, z
+    z_range: Tuple[float, float]  # reference z (mm) covered by the scan
+    origin: np.ndarray  # world position (mm) of voxel (0, 0, 0)
+
+
+def _place_patient(shape, spacing, site: PhantomSite, p: dict, rng: np.random.Generator) -> _Placement:
+    """Patient size and placement in the field of view (draws from ``rng`` only). Returns the placement."""
+    nx, ny, nz = shape
+    fov = np.array(shape) * np.array(spacing)
+    frac = rng.uniform(0.80, 0.90)
+    sx = frac * fov[0] / 2.0 / float(_BODY_A.max() * p["body_w"])
+    sy = min(sx * rng.uniform(0.92, 1.05), 0.94 * fov[1] / float(_BODY_BA.max() * p["belly"] + _BODY_BP.max()))
+    z_lo, z_hi = (float(v) for v in site.z_range_mm)
+    sz = fov[2] / (z_hi - z_lo)
+    body_mid_y = (float(_BODY_BA.max() * p["belly"]) - float(_BODY_BP.max())) / 2.0  # ref mm
+    cx = (nx - 1) / 2.0 + rng.uniform(-0.03, 0.03) * nx
+    cy = (ny - 1) / 2.0 - body_mid_y * sy / spacing[1] + rng.uniform(-0.03, 0.03) * ny
+    origin = np.array([
+        -cx * spacing[0] + rng.uniform(-15, 15),
+        -cy * spacing[1] + rng.uniform(-40, 10),
+        round(float(rng.uniform(-700, -300)), 1),
+    ])
+    return _Placement((cx, cy), (sx, sy, sz), (z_lo, z_hi), origin)
+
+
+def _warped_grid(shape, spacing, p: dict, placement: _Placement) -> _Grid:
+    """The voxel grid of the plan's displacement and bump fields at ``shape``. Returns the grid."""
+    disp = np.stack([_upsample(c, shape) for c in p["disp"]])
+    disp *= p["disp_mm"] / max(float(disp.std()), 1e-6)
+    bump = _upsample(p["bump"], shape)
+    bump /= max(float(bump.std()), 1e-6)
+    np.clip(bump, -2.5, 2.5, out=bump)
+    return _Grid(shape, spacing, placement.centre_vox, placement.scale, placement.z_range, disp, bump)
+
+
+def _paint_anatomy(g: _Grid, p: dict, phase: str) -> _Painter:
+    """Paints body, skeleton, lungs and every planned structure in order (later ones overwrite
+    earlier ones), then bowel gas and metal. Returns the painter, holding ``hu`` and ``label``."""
+    painter = _Painter(g, p, phase)
+    painter.body()
+    painter.spine()
+    painter.pelvis()
+    painter.lungs()
+    for name in ("intestine", "colon", "rectum", "bladder", "prostate"):
+        painter.organ(name, where=painter.in_cavity)
+    painter.femurs()
+    painter.organ("spleen", where=painter.below_dome)
+    painter.organ("liver", where=painter.below_dome)
+    painter.organ("esophagus", where=painter.in_cavity)
+    painter.organ("stomach", where=painter.below_dome)
+    for name in ("pancreas", "duodenum", "gall_bladder"):
+        painter.organ(name, where=painter.in_cavity)
+    painter.organ("hepatic_vessel", only_label=CLASS_INDEX["liver"])  # vessels only inside the liver parenchyma
+    painter.organ("portal_vein_and_splenic_vein", where=painter.in_cavity)
+    painter.organ("postcava", where=painter.in_cavity)
+    painter.organ("aorta")
+    painter.organ("celiac_trunk", where=painter.in_cavity)
+    for name in ("kidney_right", "kidney_left", "adrenal_gland_right", "adrenal_gland_left"):
+        painter.carve_then_paint(name, ["liver", "spleen"])
+    painter.renal_sinus()
+    painter.contents()
+    if p["metal"]:
+        painter.metal()
+    return painter
+
+
+def _acquire(painter: _Painter, site: PhantomSite, spacing, rng: np.random.Generator) -> Tuple[np.ndarray, float]:
+    """The scanner's view of the painted HU: parenchymal texture, reconstruction blur (partial volume),
+    metal streaks, noise (draws from ``rng`` only). Returns (int16 image, noise sigma in HU)."""
+    g, p, shape = painter.g, painter.p, painter.g.shape
+    hu = painter.hu
+    tex = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.5)
+    tex *= 6.0 / max(float(tex.std()), 1e-6)
+    hu += tex * painter.body_mask
+    b = site.blur_vox
+    hu = ndimage.gaussian_filter(hu, (b, b, b * spacing[0] / spacing[2] + 0.2), truncate=3.0)
+    if p["metal"]:
+        _streaks(hu, painter.body_mask, g, p, spacing)
+    noise_sigma = site.noise_hu * (1.3 if p["low_contrast"] else 1.0)
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.6, truncate=3.0)
+    hu += noise * (noise_sigma / max(float(noise.std()), 1e-6))
+    return np.clip(np.rint(hu), _HU_MIN, _HU_MAX).astype(np.int16), noise_sigma
+
+
+def _phantom_meta(seed, site: PhantomSite, hard, spacing, shape, placement: _Placement, noise_sigma, painter) -> dict:
+    """The ``Phantom.meta`` of a study: request, acquisition, painted HU and what a hard case did."""
+    p, g = painter.p, painter.g
+    meta = {
+        "seed": int(seed),
+        "site": site.name,
+        "hard": hard,
+        "phase": site.phase,
+        "spacing_mm": spacing,
+        "shape": shape,
+        "noise_hu": float(noise_sigma),
+        "z_range_mm": placement.z_range,
+        "organ_hu": dict(painter.organ_hu),
+        "missing": list(p["missing"]),
+        "enlarged": [(n, float(f)) for n, f in p["enlarged"]],
+    }
+    if p["metal"]:
+        meta["metal"] = p["metal_kind"]
+        meta["metal_slices"] = sorted({int(np.searchsorted(g.ax[2], c[2])) for c, _ in p["metal"]})
+    return meta
 
 
 def make_phantom(
@@ -877,118 +1112,18 @@ def make_phantom(
 
     Returns a :class:`Phantom` (image int16 HU, label uint8 SuPreM indices, RAS affine in mm).
     """
-    site = _resolve_site(site)
-    if hard is not None and hard not in HARD_CASES:
-        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES)} or None")
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 16:
-        raise ValueError(f"shape must be 3 sizes >= 16 voxels, got {shape}")
-    spacing = tuple(float(s) for s in (spacing_mm if spacing_mm is not None else site.spacing_mm))
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing_mm must be 3 positive sizes, got {spacing}")
-
+    site, shape, spacing = _checked_request(shape, spacing_mm, site, hard)
     seq = np.random.SeedSequence(int(seed))
     rng_anat, rng_hard, rng_geom, rng_noise = (np.random.default_rng(s) for s in seq.spawn(4))
     p = _apply_hard(_plan(rng_anat), hard, rng_hard)
-
-    # Patient size and placement in the field of view.
-    nx, ny, nz = shape
-    fov = np.array(shape) * np.array(spacing)
-    frac = rng_geom.uniform(0.80, 0.90)
-    sx = frac * fov[0] / 2.0 / float(_BODY_A.max() * p["body_w"])
-    sy = min(sx * rng_geom.uniform(0.92, 1.05), 0.94 * fov[1] / float(_BODY_BA.max() * p["belly"] + _BODY_BP.max()))
-    z_lo, z_hi = (float(v) for v in site.z_range_mm)
-    sz = fov[2] / (z_hi - z_lo)
-    body_mid_y = (float(_BODY_BA.max() * p["belly"]) - float(_BODY_BP.max())) / 2.0  # ref mm
-    cx = (nx - 1) / 2.0 + rng_geom.uniform(-0.03, 0.03) * nx
-    cy = (ny - 1) / 2.0 - body_mid_y * sy / spacing[1] + rng_geom.uniform(-0.03, 0.03) * ny
-    origin = np.array([
-        -cx * spacing[0] + rng_geom.uniform(-15, 15),
-        -cy * spacing[1] + rng_geom.uniform(-40, 10),
-        round(float(rng_geom.uniform(-700, -300)), 1),
-    ])
-
-    disp = np.stack([_upsample(c, shape) for c in p["disp"]])
-    disp *= p["disp_mm"] / max(float(disp.std()), 1e-6)
-    bump = _upsample(p["bump"], shape)
-    bump /= max(float(bump.std()), 1e-6)
-    np.clip(bump, -2.5, 2.5, out=bump)
-    g = _Grid(shape, spacing, (cx, cy), (sx, sy, sz), (z_lo, z_hi), disp, bump)
-
-    P = _Painter(g, p, site.phase)
-    P.body()
-    P.spine()
-    P.pelvis()
-    P.lungs()
-    o = p["organs"]
-    P.organ("intestine", where=P.in_cavity)
-    P.organ("colon", where=P.in_cavity)
-    P.organ("rectum", where=P.in_cavity)
-    P.organ("bladder", where=P.in_cavity)
-    P.organ("prostate", where=P.in_cavity)
-    P.femurs()
-    P.organ("spleen", where=P.below_dome)
-    P.organ("liver", where=P.below_dome)
-    P.organ("esophagus", where=P.in_cavity)
-    P.organ("stomach", where=P.below_dome)
-    P.organ("pancreas", where=P.in_cavity)
-    P.organ("duodenum", where=P.in_cavity)
-    P.organ("gall_bladder", where=P.in_cavity)
-    liver = CLASS_INDEX["liver"]
-    P.organ("hepatic_vessel", only_label=liver)  # vessels only inside the liver parenchyma
-    P.organ("portal_vein_and_splenic_vein", where=P.in_cavity)
-    P.organ("postcava", where=P.in_cavity)
-    P.organ("aorta")
-    P.organ("celiac_trunk", where=P.in_cavity)
-    P.carve_then_paint("kidney_right", ["liver", "spleen"])
-    P.carve_then_paint("kidney_left", ["liver", "spleen"])
-    P.carve_then_paint("adrenal_gland_right", ["liver", "spleen"])
-    P.carve_then_paint("adrenal_gland_left", ["liver", "spleen"])
-    # The renal sinus: fat at the medial notch, so kidneys look bean-shaped rather than like eggs.
-    for name, sgn in (("kidney_right", 1.0), ("kidney_left", -1.0)):
-        for s in o[name]:
-            R = np.eye(3) if s.R is None else s.R
-            hilum = s.c + R @ np.array([-sgn * 0.95 * s.r[0], 0.35 * s.r[1], 0.0])
-            notch = _render(g, [_Ell(hilum, np.array([0.5, 0.5, 0.45]) * s.r[[0, 0, 2]], R, 0.05)])
-            P.paint(notch, 0, P.tissue("visceral_fat"), only_label=CLASS_INDEX[name])
-    P.contents()
-    if p["metal"]:
-        P.metal()
-
-    hu = P.hu
-    # A little parenchymal texture, then reconstruction blur (partial volume), then artefacts and noise.
-    tex = ndimage.gaussian_filter(rng_noise.standard_normal(shape, dtype=np.float32), 1.5)
-    tex *= 6.0 / max(float(tex.std()), 1e-6)
-    hu += tex * P.body_mask
-    b = site.blur_vox
-    hu = ndimage.gaussian_filter(hu, (b, b, b * spacing[0] / spacing[2] + 0.2), truncate=3.0)
-    if p["metal"]:
-        _streaks(hu, P.body_mask, g, p, spacing)
-    noise_sigma = site.noise_hu * (1.3 if p["low_contrast"] else 1.0)
-    noise = ndimage.gaussian_filter(rng_noise.standard_normal(shape, dtype=np.float32), 0.6, truncate=3.0)
-    hu += noise * (noise_sigma / max(float(noise.std()), 1e-6))
-    image = np.clip(np.rint(hu), _HU_MIN, _HU_MAX).astype(np.int16)
-
+    placement = _place_patient(shape, spacing, site, p, rng_geom)
+    painter = _paint_anatomy(_warped_grid(shape, spacing, p, placement), p, site.phase)
+    image, noise_sigma = _acquire(painter, site, spacing, rng_noise)
     affine = np.eye(4)
     affine[[0, 1, 2], [0, 1, 2]] = spacing
-    affine[:3, 3] = origin
-    meta = {
-        "seed": int(seed),
-        "site": site.name,
-        "hard": hard,
-        "phase": site.phase,
-        "spacing_mm": spacing,
-        "shape": shape,
-        "noise_hu": float(noise_sigma),
-        "z_range_mm": (z_lo, z_hi),
-        "organ_hu": dict(P.organ_hu),
-        "missing": list(p["missing"]),
-        "enlarged": [(n, float(f)) for n, f in p["enlarged"]],
-    }
-    if p["metal"]:
-        meta["metal"] = p["metal_kind"]
-        meta["metal_slices"] = sorted({int(np.searchsorted(g.ax[2], c[2])) for c, _ in p["metal"]})
-    return Phantom(image=image, label=P.label, affine=affine, meta=meta)
+    affine[:3, 3] = placement.origin
+    meta = _phantom_meta(seed, site, hard, spacing, shape, placement, noise_sigma, painter)
+    return Phantom(image=image, label=painter.label, affine=affine, meta=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1005,18 +1140,10 @@ def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            # mtime=0: identical phantoms give byte-identical files.
-            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4, mtime=0) as gz:
-                gz.write(img.to_bytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path, "wb") as f:
+        # mtime=0: identical phantoms give byte-identical files.
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4, mtime=0) as gz:
+            gz.write(img.to_bytes())
 
 
 _DEFAULT_LABEL_DIR = os.path.join("labels", "final")

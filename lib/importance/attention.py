@@ -61,8 +61,9 @@ Speed (the CPU numbers were measured on the 2-core machine this was written on):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -136,13 +137,13 @@ def _line_(dst: torch.Tensor, src: torch.Tensor, dim: int, radius: int, erode: b
     ``dst`` and ``src`` are distinct 0/1 uint8 tensors of one shape. Outside the volume counts as
     background: the erosion clears the ``radius`` voxels at each end, the dilation takes nothing
     from outside. ``ends_clear``: the caller knows ``src`` is 0 in the ``radius`` voxels at each end
-    along ``dim`` (true after an erosion of that radius).
+    along ``dim`` (true after an erosion of that radius). Returns nothing (``dst`` holds the result).
     """
-    n = src.shape[dim]
-    if erode and n <= 2 * radius:
+    length = src.shape[dim]
+    if erode and length <= 2 * radius:
         dst.zero_()
         return
-    if n == 1 or radius == 0:
+    if length == 1 or radius == 0:
         dst.copy_(src)
         return
     last = dim in (-1, src.ndim - 1)
@@ -154,45 +155,47 @@ def _line_(dst: torch.Tensor, src: torch.Tensor, dim: int, radius: int, erode: b
     else:
         _shift_all_(dst, src, dim, radius, erode)
     if erode:
-        for j in list(range(radius)) + list(range(n - radius, n)):
-            dst.select(dim, j).zero_()
+        for end in list(range(radius)) + list(range(length - radius, length)):
+            dst.select(dim, end).zero_()
 
 
 def _shift_all_(dst: torch.Tensor, src: torch.Tensor, dim: int, radius: int, erode: bool) -> None:
-    """``dst = op of src shifted by -radius..radius along dim`` (ends: only what is inside)."""
-    n = src.shape[dim]
+    """``dst = op of src shifted by -radius..radius along dim`` (ends: only what is inside).
+    Returns nothing (``dst`` holds the result)."""
+    length = src.shape[dim]
     op = torch.bitwise_and if erode else torch.bitwise_or
-    op(src.narrow(dim, 1, n - 1), src.narrow(dim, 0, n - 1), out=dst.narrow(dim, 1, n - 1))
+    op(src.narrow(dim, 1, length - 1), src.narrow(dim, 0, length - 1), out=dst.narrow(dim, 1, length - 1))
     dst.narrow(dim, 0, 1).copy_(src.narrow(dim, 0, 1))
-    for s in range(1, min(radius, n - 1) + 1):
-        lo, hi = dst.narrow(dim, 0, n - s), dst.narrow(dim, s, n - s)
-        if s > 1:
-            op(hi, src.narrow(dim, 0, n - s), out=hi)
-        op(lo, src.narrow(dim, s, n - s), out=lo)
+    for shift in range(1, min(radius, length - 1) + 1):
+        head, tail = dst.narrow(dim, 0, length - shift), dst.narrow(dim, shift, length - shift)
+        if shift > 1:
+            op(tail, src.narrow(dim, 0, length - shift), out=tail)
+        op(head, src.narrow(dim, shift, length - shift), out=head)
 
 
-def _morph(x: torch.Tensor, radius: int, erode: bool, work: torch.Tensor, ends_clear: bool = False) -> torch.Tensor:
-    """Erosion/dilation of 0/1 uint8 ``x`` by the (2 radius + 1)^3 cube (= ``radius`` iterations of
-    the 3x3x3 cube), one axis at a time, ping-ponging between ``x`` and ``work`` (same shape and
-    dtype); both are overwritten. Returns the one holding the result (``work``: three axes).
-    ``ends_clear``: ``x`` is 0 within ``radius`` voxels of every face (it is an erosion's result)."""
-    a, b = x, work
+def _morph(mask: torch.Tensor, radius: int, erode: bool, work: torch.Tensor, ends_clear: bool = False) -> torch.Tensor:
+    """Erosion/dilation of 0/1 uint8 ``mask`` by the (2 radius + 1)^3 cube (= ``radius`` iterations
+    of the 3x3x3 cube), one axis at a time, ping-ponging between ``mask`` and ``work`` (same shape
+    and dtype); both are overwritten. Returns the one holding the result (``work``: three axes).
+    ``ends_clear``: ``mask`` is 0 within ``radius`` voxels of every face (it is an erosion's result)."""
+    src, dst = mask, work
     for dim in (-3, -2, -1):
         # A dilation along the first axes keeps the later axes' ends clear.
-        _line_(b, a, dim, radius, erode, ends_clear)
-        a, b = b, a
-    return a
+        _line_(dst, src, dim, radius, erode, ends_clear)
+        src, dst = dst, src
+    return src
 
 
-def _opening_(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
-    """Opening of 0/1 uint8 ``x`` in place (six axis passes end back in ``x``)."""
-    y = _morph(x, OPENING_ITERATIONS, True, work)
-    z = _morph(y, OPENING_ITERATIONS, False, x if y is work else work, ends_clear=True)
-    assert z is x
-    return x
+def _opening_(mask: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Opening of 0/1 uint8 ``mask`` in place (six axis passes end back in ``mask``). Returns ``mask``."""
+    eroded = _morph(mask, OPENING_ITERATIONS, True, work)
+    opened = _morph(eroded, OPENING_ITERATIONS, False, mask if eroded is work else work, ends_clear=True)
+    assert opened is mask
+    return mask
 
 
 def _as_u8_copy(x: torch.Tensor) -> torch.Tensor:
+    """A new contiguous 0/1 uint8 copy of ``x`` (non-zero = 1), which must have at least 3 dims."""
     if x.ndim < 3:
         raise ValueError(f"expected a (..., D, H, W) tensor, got shape {tuple(x.shape)}")
     return x.to(torch.bool).contiguous().clone().view(torch.uint8)
@@ -201,28 +204,30 @@ def _as_u8_copy(x: torch.Tensor) -> torch.Tensor:
 def binary_dilation(x: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     """``scipy.ndimage.binary_dilation`` with the 3x3x3 full element, ``iterations`` times, over the
     last 3 dims (leading dims are a batch). Returns a new bool tensor."""
-    y = _as_u8_copy(x)
+    mask = _as_u8_copy(x)
     if iterations > 0:
-        y = _morph(y, iterations, False, torch.empty_like(y))
-    return y.view(torch.bool)
+        mask = _morph(mask, iterations, False, torch.empty_like(mask))
+    return mask.view(torch.bool)
 
 
 def binary_erosion(x: torch.Tensor, iterations: int = 1) -> torch.Tensor:
-    """``scipy.ndimage.binary_erosion`` (3x3x3 full element, outside = background), batched."""
-    y = _as_u8_copy(x)
+    """``scipy.ndimage.binary_erosion`` (3x3x3 full element, outside = background), batched.
+    Returns a new bool tensor."""
+    mask = _as_u8_copy(x)
     if iterations > 0:
-        y = _morph(y, iterations, True, torch.empty_like(y))
-    return y.view(torch.bool)
+        mask = _morph(mask, iterations, True, torch.empty_like(mask))
+    return mask.view(torch.bool)
 
 
 def binary_opening(x: torch.Tensor, iterations: int = OPENING_ITERATIONS) -> torch.Tensor:
-    """Erosion then dilation, ``iterations`` each, 3x3x3 full element, scipy border semantics."""
-    y = _as_u8_copy(x)
+    """Erosion then dilation, ``iterations`` each, 3x3x3 full element, scipy border semantics.
+    Returns a new bool tensor."""
+    mask = _as_u8_copy(x)
     if iterations > 0:
-        w = torch.empty_like(y)
-        e = _morph(y, iterations, True, w)
-        y = _morph(e, iterations, False, y if e is w else w, ends_clear=True)
-    return y.view(torch.bool)
+        work = torch.empty_like(mask)
+        eroded = _morph(mask, iterations, True, work)
+        mask = _morph(eroded, iterations, False, mask if eroded is work else work, ends_clear=True)
+    return mask.view(torch.bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,25 +242,25 @@ def _count_true(x: torch.Tensor) -> torch.Tensor:
     bool/uint8 tensor was ~15x slower on the CPU.) Falls back to ``sum`` when the layout does not
     allow the int64 view.
     """
-    k = x.shape[0]
-    flat = x.reshape(k, -1).view(torch.uint8)
-    n = flat.shape[1]
-    if n == 0 or k == 0:
-        return torch.zeros(k, dtype=torch.int64, device=x.device)
-    if n % 8 or flat.storage_offset() % 8 or not flat.is_contiguous():
+    n_rows = x.shape[0]
+    flat = x.reshape(n_rows, -1).view(torch.uint8)
+    n_bytes = flat.shape[1]
+    if n_bytes == 0 or n_rows == 0:
+        return torch.zeros(n_rows, dtype=torch.int64, device=x.device)
+    if n_bytes % 8 or flat.storage_offset() % 8 or not flat.is_contiguous():
         return flat.sum(dim=1, dtype=torch.int64)
-    words = flat.view(torch.int64)  # (k, n / 8)
-    nw = words.shape[1]
-    full = nw // 255 * 255
-    parts = []
-    if full:
-        parts.append(words[:, :full].reshape(k, full // 255, 255).sum(dim=2))
-    if nw > full:
-        parts.append(words[:, full:].sum(dim=1, keepdim=True))
-    s = torch.cat(parts, dim=1)  # every byte lane <= 255
-    total = torch.zeros(k, dtype=torch.int64, device=x.device)
+    words = flat.view(torch.int64)  # (k, n_bytes / 8)
+    n_words = words.shape[1]
+    n_blocked = n_words // 255 * 255
+    block_sums = []
+    if n_blocked:
+        block_sums.append(words[:, :n_blocked].reshape(n_rows, n_blocked // 255, 255).sum(dim=2))
+    if n_words > n_blocked:
+        block_sums.append(words[:, n_blocked:].sum(dim=1, keepdim=True))
+    lanes = torch.cat(block_sums, dim=1)  # every byte lane <= 255
+    total = torch.zeros(n_rows, dtype=torch.int64, device=x.device)
     for lane in range(8):
-        total += ((s >> (8 * lane)) & 255).sum(dim=1)
+        total += ((lanes >> (8 * lane)) & 255).sum(dim=1)
     return total
 
 
@@ -280,53 +285,54 @@ def _plogp_(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> torch.
     return out.mul_(scratch)
 
 
-def _uncertainty_into(p, entropy, out, t1, s1, s2):
+def _uncertainty_into(probs, entropy, out, term, scratch, complement):
     """``out = (e(p_1) + ... + e(p_M)) / M``, models added in order; e = entr, or entr(p) + entr(1-p).
 
     Computed as ``(p_1 ln p_1 + ...) / (-M)``: negation is exact, so this is bit-for-bit the mean of
-    the entr values, one pass cheaper per model. ``p``: ``(M, k, ...)``; ``out``, ``t1``, ``s1``,
-    ``s2``: ``(k, ...)`` buffers (``s2`` is used by the binary entropy only).
+    the entr values, one pass cheaper per model. ``probs``: ``(M, k, ...)``; ``out``, ``term``,
+    ``scratch``, ``complement``: ``(k, ...)`` buffers (``complement`` is used by the binary entropy
+    only). Returns ``out``.
     """
-    n_models = p.shape[0]
-    one = torch.ones((), dtype=p.dtype, device=p.device)
+    n_models = probs.shape[0]
+    one = torch.ones((), dtype=probs.dtype, device=probs.device)
     for m in range(n_models):
-        dst = out if m == 0 else t1
-        _plogp_(p[m], dst, s1)
+        dst = out if m == 0 else term
+        _plogp_(probs[m], dst, scratch)
         if entropy == "binary":
-            torch.sub(one, p[m], out=s2)  # 1 - p
-            dst.add_(_plogp_(s2, s1, s2))
+            torch.sub(one, probs[m], out=complement)  # 1 - p
+            dst.add_(_plogp_(complement, scratch, complement))
         if m:
-            out.add_(t1)
+            out.add_(term)
     return out.div_(-n_models)
 
 
-def _inconsistency_into(p, near, kept, out, mean, tmp, work, floor_tiny=False):
+def _inconsistency_into(probs, model_masks, kept, out, mean, deviation, work, floor_tiny=False):
     """Population std over models of ``p_m`` kept (else 0) on the 1-voxel dilation of model mask m.
 
-    ``p``: ``(M, k, ...)`` float; ``near``: ``(M, k, ...)`` 0/1 uint8 model masks (overwritten);
-    ``kept``: ``(M, k, ...)`` float buffer; ``out``, ``mean``, ``tmp``: ``(k, ...)`` float buffers;
-    ``work``: ``(M, k, ...)`` uint8 buffer. Two passes (mean, then mean squared deviation), models
-    added in order: the operations of ``numpy.std(..., axis=0)``. Needs M >= 2. (``torch.std``
-    over the model dim was measured ~8x slower on the CPU.)
+    ``probs``: ``(M, k, ...)`` float; ``model_masks``: ``(M, k, ...)`` 0/1 uint8 (overwritten);
+    ``kept``: ``(M, k, ...)`` float buffer; ``out``, ``mean``, ``deviation``: ``(k, ...)`` float
+    buffers; ``work``: ``(M, k, ...)`` uint8 buffer. Two passes (mean, then mean squared deviation),
+    models added in order: the operations of ``numpy.std(..., axis=0)``. Needs M >= 2.
+    (``torch.std`` over the model dim was measured ~8x slower on the CPU.) Returns ``out``.
 
     ``floor_tiny``: take the square root of ``max(variance, tiny)`` (tiny = smallest normal float).
     The CPU's sqrt of 0 was measured ~10x slower than of other numbers, and the variance is 0 almost
     everywhere (outside all models' masks). It changes C only where C < 1.1e-19 (float32;
     1.5e-154 float64), far below the 0.1 threshold, so C_b and C * C_b are exactly unchanged.
     """
-    n_models = p.shape[0]
-    grown = _morph(near, 1, False, work)  # all models at once
-    kept.copy_(grown).mul_(p)  # p * 1 = p, p * 0 = 0 (finite p)
+    n_models = probs.shape[0]
+    grown = _morph(model_masks, 1, False, work)  # all models at once
+    kept.copy_(grown).mul_(probs)  # p * 1 = p, p * 0 = 0 (finite p)
     torch.add(kept[0], kept[1], out=mean)
     for m in range(2, n_models):
         mean.add_(kept[m])
     mean.div_(n_models)
     for m in range(n_models):
-        dst = out if m == 0 else tmp
+        dst = out if m == 0 else deviation
         torch.sub(kept[m], mean, out=dst)
         dst.mul_(dst)
         if m:
-            out.add_(tmp)
+            out.add_(deviation)
     out.div_(n_models)
     if floor_tiny:
         out.clamp_min_(torch.finfo(out.dtype).tiny)
@@ -334,6 +340,7 @@ def _inconsistency_into(p, near, kept, out, mean, tmp, work, floor_tiny=False):
 
 
 def _work_float(probs: torch.Tensor) -> torch.Tensor:
+    """``probs`` itself if float32/float64, else a float32 copy."""
     return probs if probs.dtype in (torch.float32, torch.float64) else probs.to(torch.float32)
 
 
@@ -344,28 +351,31 @@ def uncertainty(probs: torch.Tensor, entropy: str = "positive") -> torch.Tensor:
     ~1e-36 (float32) / ~1e-305 (float64) instead of exactly 0 where every p is 0 or 1)."""
     if entropy not in ("positive", "binary"):
         raise ValueError(f"entropy must be 'positive' or 'binary', got {entropy!r}")
-    p = _work_float(probs)
-    return _uncertainty_into(p, entropy, *[torch.empty_like(p[0]) for _ in range(4)])
+    work = _work_float(probs)
+    return _uncertainty_into(work, entropy, *[torch.empty_like(work[0]) for _ in range(4)])
 
 
 def inconsistency(probs: torch.Tensor, model_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Inconsistency ``C`` ``(C, D, H, W)``: population std over models of each ``p_m`` set to 0
     outside the 1-voxel (3x3x3) dilation of model m's mask (default ``probs >= 0.5``); 0 if M = 1."""
-    p = _work_float(probs)
-    if p.shape[0] == 1:
-        return torch.zeros_like(p[0])
-    near = p >= 0.5 if model_masks is None else model_masks.to(device=p.device, dtype=torch.bool).clone()
-    near = near.contiguous().view(torch.uint8)
-    f = [torch.empty_like(p[0]) for _ in range(3)]
-    return _inconsistency_into(p, near, torch.empty_like(p), f[0], f[1], f[2], torch.empty_like(near))
+    work = _work_float(probs)
+    if work.shape[0] == 1:
+        return torch.zeros_like(work[0])
+    if model_masks is None:
+        masks = work >= 0.5
+    else:
+        masks = model_masks.to(device=work.device, dtype=torch.bool).clone()
+    masks8 = masks.contiguous().view(torch.uint8)
+    out, mean, deviation = (torch.empty_like(work[0]) for _ in range(3))
+    return _inconsistency_into(work, masks8, torch.empty_like(work), out, mean, deviation, torch.empty_like(masks8))
 
 
 def _entropy_floor(entropy: str, threshold: float) -> float:
     """A probability ``p_lo`` such that any p <= p_lo has entropy term < threshold / 2 (so a voxel
     whose models all give p <= p_lo cannot have U > threshold, whatever the rounding)."""
-    def term(p: float) -> float:
-        h = -p * math.log(p)
-        return h - (1 - p) * math.log1p(-p) if entropy == "binary" else h
+    def term(prob: float) -> float:
+        positive = -prob * math.log(prob)
+        return positive - (1 - prob) * math.log1p(-prob) if entropy == "binary" else positive
 
     lo, hi = 1e-300, 0.3  # the term rises on (0, 0.3]
     for _ in range(200):
@@ -374,10 +384,13 @@ def _entropy_floor(entropy: str, threshold: float) -> float:
     return lo
 
 
-def _active_box(p_b, mask8_b, mm8_b, p_lo, scratch):
+def _active_box(organ_probs, organ_mask, organ_model_masks, p_lo, scratch):
     """Bounding box (tuple of 3 slices, grown by 1 voxel, clipped) of the voxels where organ b can
     have attention: some model's p > p_lo (else U <= threshold / 2), its ensemble mask (O_b), and its
     model masks (C is 0 beyond one voxel of them). ``None`` if there are none.
+
+    ``organ_probs``: ``(M, D, H, W)``; ``organ_mask``: ``(D, H, W)`` 0/1 uint8; ``organ_model_masks``:
+    ``(M, D, H, W)`` 0/1 uint8 or None; ``scratch``: a ``(D, H, W)`` buffer of the probabilities' dtype.
 
     U_b, C_b and the heat are 0 outside this box, and computing them on the box alone is exact:
     U and C are voxel-wise; each model mask's 1-voxel dilation stays inside the grown box; and an
@@ -385,16 +398,17 @@ def _active_box(p_b, mask8_b, mm8_b, p_lo, scratch):
     background (as the erosion does at the volume border) changes nothing, since the set is empty
     there anyway. Works on projections (max over the models, then over axes), not voxel masks.
     """
-    pmax = p_b[0] if p_b.shape[0] == 1 else torch.maximum(p_b[0], p_b[1], out=scratch)
-    for m in range(2, p_b.shape[0]):
-        pmax = torch.maximum(pmax, p_b[m], out=scratch)
-    w = pmax.shape[-1]
+    n_models = organ_probs.shape[0]
+    pmax = organ_probs[0] if n_models == 1 else torch.maximum(organ_probs[0], organ_probs[1], out=scratch)
+    for m in range(2, n_models):
+        pmax = torch.maximum(pmax, organ_probs[m], out=scratch)
+    width = pmax.shape[-1]
     proj_dh = pmax.amax(dim=-1) > p_lo  # (D, H)
-    proj_w = pmax.reshape(-1, w).amax(dim=0) > p_lo  # (W,)
-    masks = [mask8_b] + ([] if mm8_b is None else [mm8_b[m] for m in range(mm8_b.shape[0])])
-    for mk in masks:
-        proj_dh |= mk.amax(dim=-1).bool()
-        proj_w |= mk.reshape(-1, w).amax(dim=0).bool()
+    proj_w = pmax.reshape(-1, width).amax(dim=0) > p_lo  # (W,)
+    masks = [organ_mask] + ([] if organ_model_masks is None else list(organ_model_masks.unbind(0)))
+    for mask in masks:
+        proj_dh |= mask.amax(dim=-1).bool()
+        proj_w |= mask.reshape(-1, width).amax(dim=0).bool()
     spans = []
     for proj in (proj_dh.any(dim=1), proj_dh.any(dim=0), proj_w):
         idx = torch.nonzero(proj).flatten()
@@ -413,48 +427,283 @@ class _Buffers:
         self.store: Dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
+        """A ``shape`` view of the buffer ``name``, (re)allocated when missing, too small or of another dtype."""
+        size = 1
+        for extent in shape:
+            size *= extent
         buf = self.store.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self.store[name] = torch.empty(n, dtype=dtype, device=self.device)
-        return buf[:n].view(shape)
+        if buf is None or buf.numel() < size or buf.dtype != dtype:
+            buf = self.store[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return buf[:size].view(shape)
 
 
-def _organ_maps_(p, mm8, ob, entropy, ub, cb, h, buf: _Buffers) -> None:
+def _organ_maps_(probs, model_masks, overlap, entropy, uncertain, inconsistent, heat, buffers: _Buffers) -> None:
     """U_b, C_b and the un-normalised heat ``(U * U_b + C * C_b) + O_b`` of k organs.
 
-    ``p``: ``(M, k, ...)`` float; ``mm8``: ``(M, k, ...)`` 0/1 uint8 model masks, or None for
-    ``p >= 0.5``; ``ob``: ``(k, ...)`` 0/1 uint8 O_b; outputs ``ub``, ``cb`` (0/1 uint8) and ``h``
-    (float): contiguous ``(k, ...)`` tensors.
+    ``probs``: ``(M, k, ...)`` float; ``model_masks``: ``(M, k, ...)`` 0/1 uint8 model masks, or None
+    for ``probs >= 0.5``; ``overlap``: ``(k, ...)`` 0/1 uint8 O_b; outputs ``uncertain``,
+    ``inconsistent`` (0/1 uint8) and ``heat`` (float): contiguous ``(k, ...)`` tensors. Returns
+    nothing (the outputs are filled in place).
     """
-    n_models = p.shape[0]
-    shape, dtype = tuple(ub.shape), h.dtype
-    u, t = buf.get("u", shape, dtype), buf.get("t", shape, dtype)
-    s1, s2 = buf.get("s1", shape, dtype), buf.get("s2", shape, dtype)
-    w = buf.get("w", shape, torch.uint8)
+    n_models = probs.shape[0]
+    shape, dtype = tuple(uncertain.shape), heat.dtype
+    uncertainty_map, term = buffers.get("uncertainty", shape, dtype), buffers.get("term", shape, dtype)
+    scratch, spare = buffers.get("scratch", shape, dtype), buffers.get("spare", shape, dtype)
+    work = buffers.get("work", shape, torch.uint8)
 
-    _uncertainty_into(p, entropy, u, t, s1, s2)
-    torch.gt(u, U_THRESHOLD, out=ub.view(torch.bool))
-    _opening_(ub, w)
-    h.copy_(ub).mul_(u)  # U * U_b
+    _uncertainty_into(probs, entropy, uncertainty_map, term, scratch, spare)
+    torch.gt(uncertainty_map, U_THRESHOLD, out=uncertain.view(torch.bool))
+    _opening_(uncertain, work)
+    heat.copy_(uncertain).mul_(uncertainty_map)  # U * U_b
 
     if n_models > 1:
-        near = buf.get("near", (n_models,) + shape, torch.uint8)
-        kept = buf.get("kept", (n_models,) + shape, dtype)
-        if mm8 is None:
-            torch.ge(p, 0.5, out=near.view(torch.bool))
+        models_shape = (n_models,) + shape
+        masks_work = buffers.get("model_masks", models_shape, torch.uint8)
+        kept = buffers.get("kept", models_shape, dtype)
+        if model_masks is None:
+            torch.ge(probs, 0.5, out=masks_work.view(torch.bool))
         else:
-            near.copy_(mm8)
-        wm = buf.get("wm", (n_models,) + shape, torch.uint8)
-        c = _inconsistency_into(p, near, kept, s1, s2, t, wm, floor_tiny=True)
-        torch.gt(c, C_THRESHOLD, out=cb.view(torch.bool))
-        _opening_(cb, w)
-        h.addcmul_(c, t.copy_(cb))  # + C * C_b (exact: C_b is 0 or 1, so there is one rounding)
+            masks_work.copy_(model_masks)
+        models_work = buffers.get("models_work", models_shape, torch.uint8)
+        inconsistency_map = _inconsistency_into(
+            probs, masks_work, kept, scratch, spare, term, models_work, floor_tiny=True
+        )
+        torch.gt(inconsistency_map, C_THRESHOLD, out=inconsistent.view(torch.bool))
+        _opening_(inconsistent, work)
+        # + C * C_b (exact: C_b is 0 or 1, so there is one rounding)
+        heat.addcmul_(inconsistency_map, term.copy_(inconsistent))
     else:
-        cb.zero_()
-    h.add_(t.copy_(ob))  # + O_b
+        inconsistent.zero_()
+    heat.add_(term.copy_(overlap))  # + O_b
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole volume: argument checks, the overlap map, the two ways to fill the maps, the summary.
+
+
+@contextmanager
+def _torch_threads(num_threads: Optional[int]) -> Iterator[None]:
+    """Context: torch CPU threads set to ``num_threads`` inside, the previous count restored on exit
+    (``None``: left as they are). Yields nothing."""
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _checked_organ_names(
+    probs: torch.Tensor,
+    masks: torch.Tensor,
+    organ_names: Sequence[str],
+    model_masks: Optional[torch.Tensor],
+    entropy: str,
+) -> List[str]:
+    """The organ names as a list, after checking shapes, names and ``entropy`` (``ValueError`` if wrong)."""
+    if probs.ndim != 5:
+        raise ValueError(f"probs must be (M, C, D, H, W), got shape {tuple(probs.shape)}")
+    n_models, n_organs = probs.shape[:2]
+    vol = tuple(probs.shape[2:])
+    names = list(organ_names)
+    if n_models < 1:
+        raise ValueError("need at least one model")
+    if len(names) != n_organs:
+        raise ValueError(f"{len(names)} organ names for {n_organs} probability channels")
+    if len(set(names)) != len(names):
+        raise ValueError("organ names must be unique")
+    if tuple(masks.shape) != (n_organs,) + vol:
+        raise ValueError(f"masks must have shape {(n_organs,) + vol}, got {tuple(masks.shape)}")
+    if model_masks is not None and tuple(model_masks.shape) != tuple(probs.shape):
+        raise ValueError(f"model_masks must have shape {tuple(probs.shape)}, got {tuple(model_masks.shape)}")
+    if entropy not in ("positive", "binary"):
+        raise ValueError(f"entropy must be 'positive' or 'binary', got {entropy!r}")
+    return names
+
+
+def _overlap_map(masks8: torch.Tensor, names: Sequence[str], overlap_organs: Sequence[str]) -> torch.Tensor:
+    """O_b of every organ: a new 0/1 uint8 ``(C, D, H, W)`` tensor, from the 0/1 uint8 ensemble masks.
+
+    Counts how many overlap organs claim each voxel. Organ b has "another" organ there when the count
+    exceeds b's own part in it (1 if b is an overlap organ, else 0; O_b is then ANDed with b's mask,
+    so b's part is counted exactly where it matters).
+    """
+    device = masks8.device
+    overlapping = set(overlap_organs)
+    own_claim = torch.tensor([n in overlapping for n in names], dtype=torch.uint8, device=device).view(-1, 1, 1, 1)
+    claims_dtype = torch.uint8 if len(names) < 256 else torch.int32
+    claims = torch.zeros(masks8.shape[1:], dtype=claims_dtype, device=device)
+    for organ, name in enumerate(names):
+        if name in overlapping:
+            claims.add_(masks8[organ])
+    overlap = torch.empty(masks8.shape, dtype=torch.uint8, device=device)
+    torch.gt(claims, own_claim, out=overlap.view(torch.bool))
+    return overlap.bitwise_and_(masks8)
+
+
+@dataclass
+class _VolumeMaps:
+    """The per-organ output maps, ``(C, D, H, W)``: U_b, C_b, O_b as 0/1 uint8, and the heat (float)."""
+
+    uncertain: torch.Tensor
+    inconsistent: torch.Tensor
+    overlap: torch.Tensor
+    heat: torch.Tensor
+
+
+def _active_boxes(probs, masks8, model_masks8, entropy: str) -> List[Optional[tuple]]:
+    """``_active_box`` of every organ, in organ order (``None`` for an organ that cannot have attention)."""
+    p_lo = _entropy_floor(entropy, U_THRESHOLD)
+    scratch = torch.empty(tuple(probs.shape[2:]), dtype=probs.dtype, device=probs.device)
+    return [
+        _active_box(
+            probs[:, organ], masks8[organ], None if model_masks8 is None else model_masks8[:, organ], p_lo, scratch
+        )
+        for organ in range(probs.shape[1])
+    ]
+
+
+def _organ_box_maps_(
+    probs, model_masks8, organ: int, box: tuple, entropy: str, maps: _VolumeMaps, buffers: _Buffers
+) -> torch.Tensor:
+    """Fills organ ``organ``'s maps on ``box`` (its ``_active_box``) in ``maps``; returns the
+    maximum of its un-normalised heat (a 0-dim tensor)."""
+    sel = (slice(None), slice(organ, organ + 1)) + box
+    shape = (1,) + tuple(s.stop - s.start for s in box)
+    whole = shape[1:] == tuple(probs.shape[2:])  # the box is the volume: write the outputs in place
+    if whole:
+        rows = slice(organ, organ + 1)
+        uncertain, inconsistent, heat = maps.uncertain[rows], maps.inconsistent[rows], maps.heat[rows]
+    else:
+        uncertain = buffers.get("box_uncertain", shape, torch.uint8)
+        inconsistent = buffers.get("box_inconsistent", shape, torch.uint8)
+        heat = buffers.get("box_heat", shape, maps.heat.dtype)
+    _organ_maps_(
+        probs[sel].to(maps.heat.dtype),
+        None if model_masks8 is None else model_masks8[sel],
+        maps.overlap[sel[1:]],
+        entropy,
+        uncertain,
+        inconsistent,
+        heat,
+        buffers,
+    )
+    if not whole:
+        maps.uncertain[sel[1:]].copy_(uncertain)
+        maps.inconsistent[sel[1:]].copy_(inconsistent)
+        maps.heat[sel[1:]].copy_(heat)
+    return heat.amax()
+
+
+def _fill_maps_by_organ_boxes(probs, masks8, model_masks8, entropy: str, maps: _VolumeMaps) -> List[torch.Tensor]:
+    """Fills ``maps`` organ by organ on each organ's active box (zero outside it). Returns the
+    un-normalised heat maximum of each organ that has a box (0-dim tensors)."""
+    maps.uncertain.zero_()
+    maps.inconsistent.zero_()
+    maps.heat.zero_()
+    boxes = _active_boxes(probs, masks8, model_masks8, entropy)
+    buffers = _Buffers(probs.device)
+    # An organ without a box has nothing: U_b, C_b, O_b and the heat are all 0.
+    return [
+        _organ_box_maps_(probs, model_masks8, organ, box, entropy, maps, buffers)
+        for organ, box in enumerate(boxes)
+        if box is not None
+    ]
+
+
+def _fill_maps_by_organ_chunks(
+    probs, model_masks8, entropy: str, organ_chunk: Optional[int], maps: _VolumeMaps
+) -> List[torch.Tensor]:
+    """Fills ``maps`` over the whole volume, ``organ_chunk`` organs at a time (default: as many as
+    the device's voxel budget allows). Returns the un-normalised heat maximum of each chunk (0-dim
+    tensors; none for an empty volume)."""
+    n_organs = probs.shape[1]
+    n_vox = math.prod(probs.shape[2:])
+    if organ_chunk is None:
+        budget = _CUDA_CHUNK_VOXELS if probs.device.type == "cuda" else _CPU_CHUNK_VOXELS
+        organ_chunk = budget // max(n_vox, 1)
+    chunk = max(1, min(int(organ_chunk), n_organs))
+    buffers = _Buffers(probs.device)
+    heat_maxima = []
+    for first in range(0, n_organs, chunk):
+        rows = slice(first, min(first + chunk, n_organs))
+        _organ_maps_(
+            probs[:, rows].to(maps.heat.dtype),
+            None if model_masks8 is None else model_masks8[:, rows],
+            maps.overlap[rows],
+            entropy,
+            maps.uncertain[rows],
+            maps.inconsistent[rows],
+            maps.heat[rows],
+            buffers,
+        )
+        if n_vox:
+            heat_maxima.append(maps.heat[rows].amax())
+    return heat_maxima
+
+
+def _normalise_heat_(heat: torch.Tensor, heat_maxima: List[torch.Tensor]) -> torch.Tensor:
+    """Divides ``heat`` in place by the largest of ``heat_maxima`` when that is > 0. Returns ``heat``."""
+    if heat_maxima:
+        top = torch.stack(heat_maxima).amax()
+        heat.div_(torch.where(top > 0, top, torch.ones_like(top)))
+    return heat
+
+
+def _score_terms(
+    attention_voxels: List[int], region_voxels: List[int], normalise_score: bool
+) -> Tuple[List[float], Union[int, float]]:
+    """Each organ's term of the score and the score: ``|A_b|`` and their int sum, or (normalised)
+    ``|A_b| / |A_b OR mask_b|`` (0 for an empty region) and their float sum."""
+    if normalise_score:
+        terms = [a / r if r else 0.0 for a, r in zip(attention_voxels, region_voxels)]
+        return terms, float(sum(terms))
+    return [float(a) for a in attention_voxels], int(sum(attention_voxels))
+
+
+def _summary(
+    names: List[str],
+    maps: _VolumeMaps,
+    attention: torch.Tensor,
+    masks8: torch.Tensor,
+    normalise_score: bool,
+    entropy: str,
+) -> AttentionResult:
+    """The ``AttentionResult`` of the filled, normalised ``maps`` and ``attention`` (A_b, 0/1 uint8):
+    voxel counts and heat sums are brought to the host in one synchronisation."""
+    n_organs = len(names)
+    region = torch.zeros(n_organs, dtype=torch.int64, device=attention.device)
+    if normalise_score:
+        for row in range(n_organs):  # |A_b OR mask_b|, one organ at a time (small temporaries)
+            rows = slice(row, row + 1)
+            region[rows] = _count_true(torch.bitwise_or(attention[rows], masks8[rows]))
+    summary = torch.stack(
+        [_count_true(attention).to(torch.float64), _sum_float64(maps.heat), region.to(torch.float64)]
+    )
+    summary = summary.cpu()  # the one host/device synchronisation (with the crop boxes on the CPU)
+    attention_voxels = [int(v) for v in summary[0].tolist()]
+    heat_sums = summary[1].tolist()
+    region_voxels = [int(v) for v in summary[2].tolist()]
+    terms, score = _score_terms(attention_voxels, region_voxels, normalise_score)
+    order = sorted(range(n_organs), key=lambda i: (-heat_sums[i], i))
+    return AttentionResult(
+        organ_names=names,
+        uncertain=maps.uncertain.view(torch.bool),
+        inconsistent=maps.inconsistent.view(torch.bool),
+        overlap=maps.overlap.view(torch.bool),
+        attention=attention.view(torch.bool),
+        heat=maps.heat,
+        score=score,
+        attention_voxels=dict(zip(names, attention_voxels)),
+        heat_sums=dict(zip(names, heat_sums)),
+        priority=[names[i] for i in order],
+        organ_scores=dict(zip(names, terms)),
+        normalised=normalise_score,
+        entropy=entropy,
+    )
 
 
 def compute_attention(
@@ -492,155 +741,32 @@ def compute_attention(
             shared with other busy processes, 1 thread was measured up to ~8x faster than 2 (each
             parallel op waits for the second thread to be scheduled).
     """
-    if num_threads is not None and probs.device.type == "cpu":
-        previous = torch.get_num_threads()
-        torch.set_num_threads(int(num_threads))
-        try:
-            return compute_attention(
-                probs, masks, organ_names, model_masks, entropy=entropy, normalise_score=normalise_score,
-                overlap_organs=overlap_organs, crop=crop, organ_chunk=organ_chunk,
-            )
-        finally:
-            torch.set_num_threads(previous)
-
-    if probs.ndim != 5:
-        raise ValueError(f"probs must be (M, C, D, H, W), got shape {tuple(probs.shape)}")
-    n_models, n_organs = probs.shape[:2]
-    vol = tuple(probs.shape[2:])
-    names = list(organ_names)
-    if n_models < 1:
-        raise ValueError("need at least one model")
-    if len(names) != n_organs:
-        raise ValueError(f"{len(names)} organ names for {n_organs} probability channels")
-    if len(set(names)) != len(names):
-        raise ValueError("organ names must be unique")
-    if tuple(masks.shape) != (n_organs,) + vol:
-        raise ValueError(f"masks must have shape {(n_organs,) + vol}, got {tuple(masks.shape)}")
-    if model_masks is not None and tuple(model_masks.shape) != tuple(probs.shape):
-        raise ValueError(f"model_masks must have shape {tuple(probs.shape)}, got {tuple(model_masks.shape)}")
-    if entropy not in ("positive", "binary"):
-        raise ValueError(f"entropy must be 'positive' or 'binary', got {entropy!r}")
-
     device = probs.device
-    dtype = probs.dtype if probs.dtype in (torch.float32, torch.float64) else torch.float32
-    masks8 = masks.to(device=device, dtype=torch.bool).view(torch.uint8)
-    mm8 = None if model_masks is None else model_masks.to(device=device, dtype=torch.bool).view(torch.uint8)
-    if crop is None:
-        crop = device.type != "cuda"
-    n_vox = 1
-    for s in vol:
-        n_vox *= s
-
-    out_u = torch.empty((n_organs,) + vol, dtype=torch.uint8, device=device)  # 0/1, handed out as bool
-    out_c, out_o, out_a = torch.empty_like(out_u), torch.empty_like(out_u), torch.empty_like(out_u)
-    heat = torch.empty((n_organs,) + vol, dtype=dtype, device=device)
-    buf = _Buffers(device)
-    step_max = []
-
-    # Overlap: how many overlap organs claim each voxel. Organ b has "another" organ there when the
-    # count exceeds b's own part in it (1 if b is an overlap organ, else 0; O_b is then ANDed with b's
-    # mask, so b's part is counted exactly where it matters).
-    ov = set(overlap_organs)
-    is_ov = torch.tensor([n in ov for n in names], dtype=torch.uint8, device=device).view(-1, 1, 1, 1)
-    claims = torch.zeros(vol, dtype=torch.uint8 if n_organs < 256 else torch.int32, device=device)
-    for i, name in enumerate(names):
-        if name in ov:
-            claims.add_(masks8[i])
-    torch.gt(claims, is_ov, out=out_o.view(torch.bool))
-    out_o.bitwise_and_(masks8)
-    del claims
-
-    if crop:
-        out_u.zero_()
-        out_c.zero_()
-        heat.zero_()
-        p_lo = _entropy_floor(entropy, U_THRESHOLD)
-        scratch = torch.empty(vol, dtype=probs.dtype, device=device)
-        boxes = [
-            _active_box(probs[:, b], masks8[b], None if mm8 is None else mm8[:, b], p_lo, scratch)
-            for b in range(n_organs)
-        ]
-        del scratch
-        for b, box in enumerate(boxes):
-            if box is None:
-                continue  # nothing there: U_b, C_b, O_b and the heat are all 0
-            sel = (slice(None), slice(b, b + 1)) + box
-            shape = (1,) + tuple(s.stop - s.start for s in box)
-            whole = shape[1:] == vol  # the box is the volume: write the outputs in place
-            if whole:
-                ub, cb, h = out_u[b : b + 1], out_c[b : b + 1], heat[b : b + 1]
-            else:
-                ub, cb = buf.get("ub", shape, torch.uint8), buf.get("cb", shape, torch.uint8)
-                h = buf.get("h", shape, dtype)
-            _organ_maps_(
-                probs[sel].to(dtype), None if mm8 is None else mm8[sel], out_o[sel[1:]], entropy, ub, cb, h, buf
-            )
-            if not whole:
-                out_u[sel[1:]].copy_(ub)
-                out_c[sel[1:]].copy_(cb)
-                heat[sel[1:]].copy_(h)
-            step_max.append(h.amax())
-    else:
-        if organ_chunk is None:
-            budget = _CUDA_CHUNK_VOXELS if device.type == "cuda" else _CPU_CHUNK_VOXELS
-            organ_chunk = budget // max(n_vox, 1)
-        k_max = max(1, min(int(organ_chunk), n_organs))
-        for c0 in range(0, n_organs, k_max):
-            c1 = min(c0 + k_max, n_organs)
-            _organ_maps_(
-                probs[:, c0:c1].to(dtype),
-                None if mm8 is None else mm8[:, c0:c1],
-                out_o[c0:c1],
-                entropy,
-                out_u[c0:c1],
-                out_c[c0:c1],
-                heat[c0:c1],
-                buf,
-            )
-            if n_vox:
-                step_max.append(heat[c0:c1].amax())
-    del buf
-
-    torch.bitwise_or(out_u, out_c, out=out_a).bitwise_or_(out_o)
-    if step_max:
-        top = torch.stack(step_max).amax()
-        heat.div_(torch.where(top > 0, top, torch.ones_like(top)))
-
-    region = torch.zeros(n_organs, dtype=torch.int64, device=device)
-    if normalise_score:
-        for c0 in range(n_organs):  # |A_b OR mask_b|, one organ at a time (small temporaries)
-            region[c0 : c0 + 1] = _count_true(torch.bitwise_or(out_a[c0 : c0 + 1], masks8[c0 : c0 + 1]))
-    summary = torch.stack([_count_true(out_a).to(torch.float64), _sum_float64(heat), region.to(torch.float64)])
-    summary = summary.cpu()  # the one host/device synchronisation (with the crop boxes on the CPU)
-    vox_list = [int(v) for v in summary[0].tolist()]
-    sum_list = summary[1].tolist()
-    region_list = [int(v) for v in summary[2].tolist()]
-
-    if normalise_score:
-        terms = [a / r if r else 0.0 for a, r in zip(vox_list, region_list)]
-        score: Union[int, float] = float(sum(terms))
-    else:
-        terms = [float(a) for a in vox_list]
-        score = int(sum(vox_list))
-    order = sorted(range(n_organs), key=lambda i: (-sum_list[i], i))
-    return AttentionResult(
-        organ_names=names,
-        uncertain=out_u.view(torch.bool),
-        inconsistent=out_c.view(torch.bool),
-        overlap=out_o.view(torch.bool),
-        attention=out_a.view(torch.bool),
-        heat=heat,
-        score=score,
-        attention_voxels=dict(zip(names, vox_list)),
-        heat_sums=dict(zip(names, sum_list)),
-        priority=[names[i] for i in order],
-        organ_scores=dict(zip(names, terms)),
-        normalised=normalise_score,
-        entropy=entropy,
-    )
+    with _torch_threads(num_threads if device.type == "cpu" else None):
+        names = _checked_organ_names(probs, masks, organ_names, model_masks, entropy)
+        dtype = probs.dtype if probs.dtype in (torch.float32, torch.float64) else torch.float32
+        masks8 = masks.to(device=device, dtype=torch.bool).view(torch.uint8)
+        model_masks8 = None
+        if model_masks is not None:
+            model_masks8 = model_masks.to(device=device, dtype=torch.bool).view(torch.uint8)
+        maps = _VolumeMaps(
+            uncertain=torch.empty(masks8.shape, dtype=torch.uint8, device=device),
+            inconsistent=torch.empty(masks8.shape, dtype=torch.uint8, device=device),
+            overlap=_overlap_map(masks8, names, overlap_organs),
+            heat=torch.empty(masks8.shape, dtype=dtype, device=device),
+        )
+        by_organ_boxes = device.type != "cuda" if crop is None else crop
+        if by_organ_boxes:
+            heat_maxima = _fill_maps_by_organ_boxes(probs, masks8, model_masks8, entropy, maps)
+        else:
+            heat_maxima = _fill_maps_by_organ_chunks(probs, model_masks8, entropy, organ_chunk, maps)
+        attention = torch.bitwise_or(maps.uncertain, maps.inconsistent).bitwise_or_(maps.overlap)
+        _normalise_heat_(maps.heat, heat_maxima)
+        return _summary(names, maps, attention, masks8, normalise_score, entropy)
 
 
 def _organ_rows(result: AttentionResult, organ: Optional[Union[str, Sequence[str]]]) -> slice | List[int]:
+    """Index of the chosen organs' rows in the result's maps: all (``None``), or the rows of the named ones."""
     if organ is None:
         return slice(None)
     wanted = [organ] if isinstance(organ, str) else list(organ)
@@ -659,13 +785,13 @@ def attention_labels(result: AttentionResult, organ: Optional[Union[str, Sequenc
     several; default all organs (a voxel takes the highest label any of them gives it).
     """
     rows = _organ_rows(result, organ)
-    u = result.uncertain[rows].any(dim=0)
-    c = result.inconsistent[rows].any(dim=0)
-    o = result.overlap[rows].any(dim=0)
-    lab = u.to(torch.uint8)  # 0 or LABEL_UNCERTAIN
-    lab = torch.where(c, torch.full_like(lab, LABEL_INCONSISTENT), lab)
-    lab = torch.where(o, torch.full_like(lab, LABEL_OVERLAP), lab)
-    return lab
+    uncertain = result.uncertain[rows].any(dim=0)
+    inconsistent = result.inconsistent[rows].any(dim=0)
+    overlap = result.overlap[rows].any(dim=0)
+    labels = uncertain.to(torch.uint8)  # 0 or LABEL_UNCERTAIN
+    labels = torch.where(inconsistent, torch.full_like(labels, LABEL_INCONSISTENT), labels)
+    labels = torch.where(overlap, torch.full_like(labels, LABEL_OVERLAP), labels)
+    return labels
 
 
 def attention_heat(result: AttentionResult, organ: Optional[Union[str, Sequence[str]]] = None) -> torch.Tensor:

@@ -340,23 +340,31 @@ def test_cuda_equals_cpu():
     assert gpu.score == cpu.score and gpu.priority == cpu.priority
 
 
-def test_num_threads_is_applied_for_the_call_and_restored():
+@pytest.mark.parametrize("crop", [True, False])
+def test_num_threads_is_applied_for_the_call_and_restored(monkeypatch, crop):
+    """torch runs 2 threads before the call; the maps must be computed with the 1 asked for (seen
+    from inside the computation), and the 2 must be back afterwards."""
     probs, masks = case(29, 2)
-    before = torch.get_num_threads()
     seen = []
-    original = att._organ_maps_
+    organ_maps = att._organ_maps_
 
-    def spy(*a, **k):
+    def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return original(*a, **k)
+        return organ_maps(*args, **kwargs)
 
-    att._organ_maps_ = spy
+    monkeypatch.setattr(att, "_organ_maps_", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
-        res = att.compute_attention(torch.from_numpy(probs), torch.from_numpy(masks), NAMES6, num_threads=1)
+        assert torch.get_num_threads() == 2
+        res = att.compute_attention(
+            torch.from_numpy(probs), torch.from_numpy(masks), NAMES6, crop=crop, num_threads=1
+        )
+        after = torch.get_num_threads()
     finally:
-        att._organ_maps_ = original
+        torch.set_num_threads(before)
     assert seen and set(seen) == {1}
-    assert torch.get_num_threads() == before
+    assert after == 2
     assert_same(res, reference_attention(probs, masks, NAMES6))
 
 
