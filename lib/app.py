@@ -120,7 +120,7 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
                 cfg.recipe,
                 model_dir=model_dir,
                 split_file=os.path.join(state_dir, "split.json"),
-                roi=(cfg.train_roi,) * 3,
+                roi=cfg.train_roi,  # None: the recipe's window, as the infer task slides it
                 max_epochs=cfg.train_epochs,
                 num_samples=cfg.train_num_samples,
                 val_fraction=cfg.val_fraction,

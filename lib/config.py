@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from lib.classes import CLASS_INDEX, DEFAULT_LABEL_SET, LABEL_MAPS, LABEL_SETS, label_set
 from lib.networks import BACKBONES
@@ -65,7 +65,7 @@ class AppConfig:
     normalise_score: bool
     hold_s: float
     state_dir: Optional[str]
-    train_roi: int
+    train_roi: Optional[Tuple[int, int, int]]  # None: the recipe's inference window
     train_epochs: int
     train_num_samples: int
     train_label_map: Optional[Dict[int, int]]
@@ -95,6 +95,20 @@ def _label_map(value: Optional[str]) -> Optional[Dict[int, int]]:
         raise ConfError(
             f"--conf train_label_map {value!r}: use one of {', '.join(LABEL_MAPS)} or 'source:target,...'"
         ) from None
+
+
+def _window(conf: Mapping[str, str], key: str) -> Optional[Tuple[int, int, int]]:
+    """``96`` or ``96,96,64`` -> three voxel counts; absent -> None."""
+    value = conf.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        size = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        size = []
+    if len(size) not in (1, 3) or min(size, default=0) < 8:
+        raise ConfError(f"--conf {key} {value!r}: one size or three comma-separated sizes, each at least 8 voxels")
+    return tuple(size * 3 if len(size) == 1 else size)
 
 
 def parse_conf(conf: Mapping[str, str]) -> AppConfig:
@@ -145,7 +159,7 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         normalise_score=_bool(conf, "normalise_score", False),
         hold_s=_number(conf, "hold_s", float, 1800.0),
         state_dir=conf.get("state_dir") or None,
-        train_roi=_number(conf, "train_roi", int, 96),
+        train_roi=_window(conf, "train_roi"),
         train_epochs=_number(conf, "train_epochs", int, 50),
         train_num_samples=_number(conf, "train_num_samples", int, 2),
         train_label_map=_label_map(conf.get("train_label_map")),
@@ -169,6 +183,7 @@ def conf_summary(cfg: AppConfig) -> Dict:
         "labels": cfg.labels_name,
         "preset": cfg.preset,
         "recipe": cfg.recipe.as_dict(),
+        "train_roi": list(cfg.train_roi or cfg.recipe.roi),
         "use_pretrained_model": cfg.use_pretrained_model,
         "weights_dir": cfg.weights_dir,
         "scoring_engine": cfg.scoring_engine,

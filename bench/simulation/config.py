@@ -23,7 +23,10 @@ class SimConfig:
 
     Phantoms: ``shape`` voxels at each site's own spacing times ``spacing_scale`` (so sites keep their
     spacing and field-of-view differences); the model works on a ``grid_mm`` grid (the recipe's
-    resampling), slides an ``infer_roi`` window with ``overlap`` and trains on ``train_roi`` crops.
+    resampling), trains on random ``roi`` crops and slides the same ``roi`` window with ``overlap`` (one
+    window for both, as the app's train task does: a model trained on one field and slid over another
+    learns where organs sit relative to a border that inference moves). Choose ``roi`` smaller than
+    the working grid, so that training crops fall at random positions.
 
     Rounds: each of ``rounds`` rounds, a whole-volume arm revises ``volumes_per_round`` volumes; an
     organ-level arm revises the first ``organs_per_volume`` organs of ``organ_volumes_per_round``
@@ -37,9 +40,8 @@ class SimConfig:
     shape: Tuple[int, int, int]
     spacing_scale: float
     grid_mm: Tuple[float, float, float]
-    infer_roi: Tuple[int, int, int]
+    roi: Tuple[int, int, int]
     overlap: float
-    train_roi: Tuple[int, int, int]
     num_samples: int
     lr: float
     n_starter: int
@@ -74,7 +76,7 @@ class SimConfig:
 
     def starter_key(self) -> str:
         """What the starting model depends on (it is shared by every seed and arm)."""
-        keys = ("shape", "spacing_scale", "grid_mm", "train_roi", "num_samples", "lr", "n_starter",
+        keys = ("shape", "spacing_scale", "grid_mm", "roi", "num_samples", "lr", "n_starter",
                 "starter_iters", "starter_site", "starter_seed", "labels")
         d = {k: getattr(self, k) for k in keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -100,9 +102,8 @@ PRESETS: Dict[str, SimConfig] = {
         shape=(32, 32, 24),
         spacing_scale=3.0,
         grid_mm=(4.5, 4.5, 7.5),
-        infer_roi=(32, 32, 24),
-        overlap=0.0,
-        train_roi=(24, 24, 24),
+        roi=(16, 8, 16),
+        overlap=0.25,
         num_samples=1,
         lr=3e-3,
         n_starter=2,
@@ -125,12 +126,11 @@ PRESETS: Dict[str, SimConfig] = {
         name="small",
         seeds=(0, 1, 2),
         arms=ALL_ARMS,
-        shape=(40, 40, 32),
+        shape=(48, 48, 40),  # working grid 32-44 x 22-31 x 32-48 across the sites
         spacing_scale=2.0,
         grid_mm=(3.0, 3.0, 5.0),
-        infer_roi=(48, 48, 40),
-        overlap=0.0,
-        train_roi=(40, 40, 32),
+        roi=(24, 16, 24),
+        overlap=0.25,
         num_samples=1,
         lr=3e-3,
         n_starter=4,
@@ -154,9 +154,8 @@ PRESETS: Dict[str, SimConfig] = {
         shape=(128, 128, 96),
         spacing_scale=1.0,
         grid_mm=(1.5, 1.5, 1.5),
-        infer_roi=(96, 96, 96),
+        roi=(96, 96, 96),
         overlap=0.5,
-        train_roi=(96, 96, 96),
         num_samples=2,
         lr=1e-3,
         n_starter=8,

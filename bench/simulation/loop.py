@@ -46,7 +46,7 @@ Log = Callable[[str], None]
 
 
 def recipe_of(cfg: SimConfig) -> Recipe:
-    return Recipe(spacing=tuple(cfg.grid_mm), roi=tuple(cfg.infer_roi), overlap=cfg.overlap, sw_batch_size=1, amp="none")
+    return Recipe(spacing=tuple(cfg.grid_mm), roi=tuple(cfg.roi), overlap=cfg.overlap, sw_batch_size=1, amp="none")
 
 
 def labels_of(cfg: SimConfig) -> List[str]:
@@ -76,7 +76,8 @@ class Model:
         self.infer = SuPreMSegmentation([BACKBONE], self.registry, self.labels, self.recipe, self.cache)
         self.trainer = SuPreMTrainer(
             BACKBONE, self.registry, self.labels, self.recipe, model_dir=model_dir, split_file=split_file,
-            roi=cfg.train_roi, max_epochs=1, num_samples=cfg.num_samples, lr=lr or cfg.lr, val_fraction=0.0,
+            max_epochs=1,  # crops of the recipe's window (the product's default)
+            num_samples=cfg.num_samples, lr=lr or cfg.lr, val_fraction=0.0,
             publish_to=publish_to, amp="none",
         )
         self.scorer = VolumeScorer([BACKBONE], self.registry, self.labels, self.recipe, self.cache, device=DEVICE,

@@ -56,7 +56,7 @@ class SuPreMTrainer(BasicTrainTask):
         recipe: Recipe,
         model_dir: str,
         split_file: str,
-        roi: Sequence[int] = (96, 96, 96),
+        roi: Optional[Sequence[int]] = None,
         max_epochs: int = 50,
         num_samples: int = 2,
         lr: float = 1e-4,
@@ -75,7 +75,8 @@ class SuPreMTrainer(BasicTrainTask):
         self.channels = [i - 1 for i in self.class_indices]
         self.recipe = recipe
         self.split_file = split_file
-        self.roi = tuple(int(r) for r in roi)
+        # Train on crops of the window inference slides, so the model sees what the infer task shows it.
+        self.roi = tuple(int(r) for r in (roi or recipe.roi))
         self.label_map = label_map
         self.val_fraction = val_fraction
         # Pre-processed (resampled) volumes kept on disk across rounds and backbones (None: in memory only).

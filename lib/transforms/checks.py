@@ -57,6 +57,33 @@ class CheckCTd(MapTransform):
         return d
 
 
+class WarnIfSmallerThand(MapTransform):
+    """Log a warning (once per image) when an image's working grid is smaller than ``size`` (the training
+    window) in some axis: the window then holds padding around it, which the model learns as part of
+    the scene."""
+
+    def __init__(self, keys, size, what: str = "training window"):
+        super().__init__(keys)
+        self.size = tuple(int(s) for s in size)
+        self.what = what
+        self.warned = set()
+
+    def __call__(self, data):
+        for key in self.key_iterator(data):
+            shape = tuple(int(s) for s in data[key].shape[1:])
+            short = [axis for axis, (have, want) in enumerate(zip(shape, self.size)) if have < want]
+            if short:
+                name = os.path.basename(str(getattr(data[key], "meta", {}).get("filename_or_obj", "") or "image"))
+                if name in self.warned:
+                    continue
+                self.warned.add(name)
+                logger.warning(
+                    f"{name}: working grid {shape} is smaller than the {self.what} {self.size} in axis "
+                    f"{', '.join(map(str, short))}; the model trains on padding there"
+                )
+        return data
+
+
 class LoadCTd(LoadImaged):
     """MONAI's LoadImaged, with an unreadable file reported as an InputError that names the file."""
 

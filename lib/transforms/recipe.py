@@ -22,7 +22,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from .checks import CheckCTd, LoadCTd
+from .checks import CheckCTd, LoadCTd, WarnIfSmallerThand
 
 
 # Mixed precision of a forward pass: the names users pass (conf, params, command line) and their dtypes.
@@ -130,6 +130,7 @@ def training_transforms(
         Spacingd(keys=keys, pixdim=recipe.spacing, mode=("bilinear", "nearest")),
         ScaleIntensityRanged(keys="image", a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
         CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+        WarnIfSmallerThand(keys="image", size=roi),
         SpatialPadd(keys=keys, spatial_size=roi),
     ]
     if augment:
