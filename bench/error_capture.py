@@ -1,0 +1,266 @@
+"""Error capture (issue 15, part 1): does the importance attention point at what the models got wrong?
+
+    .venv/bin/python bench/error_capture.py --config small --models 2 --volumes 100
+    .venv/bin/python bench/error_capture.py --config tiny --models 2 --volumes 4 --out /tmp/ec   # smoke run
+
+No retraining. A pool of phantom CTs (``lib/data``: sites A-D, hard cases) with ground truth; ``--models``
+SegResNet starters trained on phantoms from different seeds (cached, as bench/simulate.py caches its
+starter), so that the inconsistency term exists. Each volume goes through the app's scorer
+(``VolumeScorer``: the recipe's pre-processing, each model's sliding-window probabilities, the ensemble's
+organ masks, ``compute_attention``), and each (volume, organ) unit gets:
+
+- its true error: voxels where the ensemble's organ mask and the ground truth disagree (working grid), and
+  1 - Dice;
+- rankings: the attention (the app's organ term of the score, ``organ_scores``) with the reference
+  options and with ``entropy binary`` and ``normalise_score``; each term alone (uncertain, inconsistent,
+  overlap voxels); mean binary entropy of the ensemble probability over the volume (the kind of
+  uncertainty MONAI Label's epistemic scoring ranks by); random; the oracle (the true error).
+
+Writes to ``--out``: ``units.csv`` (one row per unit), ``capture.md`` (share of all error voxels in the
+top 5 / 10 / 20 % of units per ranking, and Spearman correlation with the error), ``capture.png``
+(capture curves). Deterministic for a given config, seeds and model count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from bench.simulation.config import get_config, parse_override  # noqa: E402
+
+TOP = (0.05, 0.10, 0.20)
+TERMS = ("uncertain", "inconsistent", "overlap")
+
+
+class ArchitectureCache:
+    """A ``NetworkCache`` for several models of one architecture, named ``<backbone>#<k>``."""
+
+    def __init__(self):
+        from lib.networks.inference import NetworkCache
+
+        self._cache = NetworkCache()
+        self.loads = 0
+
+    def get(self, name: str, path: str, device):
+        net = self._cache.get(name.split("#")[0], path, device)
+        self.loads = self._cache.loads
+        return net
+
+
+def seed_scorer(cfg, starters: Sequence[str], device: str = "cpu"):
+    """The app's VolumeScorer over the starters (one SegResNet per file) with the config's recipe."""
+    from bench.simulation.loop import labels_of, recipe_of
+    from lib.importance.scorer import FixedWeights, VolumeScorer
+
+    weights = {f"segresnet#{k}": path for k, path in enumerate(starters)}
+    return VolumeScorer(list(weights), FixedWeights(weights), labels_of(cfg), recipe_of(cfg),
+                        cache=ArchitectureCache(), device=device)
+
+
+def working_grid_truth(recipe, image: str, label: str) -> np.ndarray:
+    """The ground-truth label map on the scorer's working grid (same steps as the image, nearest)."""
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
+                                  ScaleIntensityRanged, Spacingd)
+
+    keys = ("image", "label")
+    data = Compose([
+        LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys), Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=recipe.spacing, mode=("bilinear", "nearest")),
+        ScaleIntensityRanged(keys="image", a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+    ])({"image": image, "label": label})
+    return np.asarray(data["label"][0]).astype(np.int64)
+
+
+def volume_units(scorer, study, cfg) -> List[Dict]:
+    """One row per organ of one volume: true error and every ranking's value."""
+    import torch
+
+    from lib.classes import CLASS_INDEX
+    from lib.importance.attention import compute_attention
+    from lib.transforms.labels import organ_masks
+
+    image = scorer.preprocess(study.image)
+    probs = scorer.probabilities(image)
+    masks = organ_masks(probs.mean(0), scorer.recipe.threshold)
+    results = {
+        "attention": compute_attention(probs, masks, scorer.labels),
+        "attention_binary": compute_attention(probs, masks, scorer.labels, entropy="binary"),
+        "attention_normalised": compute_attention(probs, masks, scorer.labels, normalise_score=True),
+    }
+    truth = working_grid_truth(scorer.recipe, study.image, study.gt)
+    if truth.shape != tuple(masks.shape[1:]):
+        raise RuntimeError(f"{study.id}: ground truth grid {truth.shape} != working grid {tuple(masks.shape[1:])}")
+    mean = probs.mean(0).clamp(1e-6, 1 - 1e-6)
+    entropy = -(mean * mean.log() + (1 - mean) * (1 - mean).log())
+    rows = []
+    for c, organ in enumerate(scorer.labels):
+        predicted, true = masks[c].cpu().numpy().astype(bool), truth == CLASS_INDEX[organ]
+        overlap = int(np.logical_and(predicted, true).sum())
+        size = int(predicted.sum() + true.sum())
+        row = {"volume": study.id, "site": study.site, "hard": study.hard or "", "organ": organ,
+               "error_voxels": int(np.logical_xor(predicted, true).sum()),
+               "one_minus_dice": 1.0 - 2.0 * overlap / size if size else 0.0,
+               "mean_entropy": float(entropy[c].mean())}
+        for name, result in results.items():
+            row[name] = float(result.organ_scores.get(organ, 0.0))
+        for term in TERMS:
+            row[term] = int(torch.as_tensor(getattr(results["attention"], term)[c]).sum())
+        rows.append(row)
+    return rows
+
+
+def capture(values: np.ndarray, error: np.ndarray, share: float) -> float:
+    """Share of all error voxels in the top ``share`` of units ranked by ``values`` (ties: expected)."""
+    total = error.sum()
+    if total == 0:
+        return float("nan")
+    k = share * len(values)
+    order = np.argsort(-values, kind="stable")
+    ranked_values, ranked_error = values[order], error[order]
+    cut = ranked_values[min(int(np.ceil(k)) - 1, len(values) - 1)] if k >= 1 else np.inf
+    above = ranked_values > cut
+    tied = ranked_values == cut
+    taken = above.sum()
+    # Units tied at the cut are taken in a random order: count their mean error for the places left.
+    tied_mean = ranked_error[tied].mean() if tied.any() else 0.0
+    return float((ranked_error[above].sum() + max(k - taken, 0) * tied_mean) / total)
+
+
+def capture_table(rows: List[Dict], rankings: Sequence[str]) -> List[Dict]:
+    from scipy.stats import spearmanr
+
+    error = np.array([r["error_voxels"] for r in rows], float)
+    out = []
+    for name in rankings:
+        if name == "random":  # the expected share of a random order, and no correlation
+            out.append({"ranking": name, **{f"top{int(s * 100)}": s for s in TOP}, "spearman": 0.0})
+            continue
+        values = error if name == "oracle" else np.array([r[name] for r in rows], float)
+        entry = {"ranking": name, **{f"top{int(s * 100)}": capture(values, error, s) for s in TOP}}
+        entry["spearman"] = float(spearmanr(values, error).statistic) if values.std() > 0 else float("nan")
+        out.append(entry)
+    return out
+
+
+def curve(values: np.ndarray, error: np.ndarray) -> np.ndarray:
+    return np.array([capture(values, error, s) for s in np.linspace(0.01, 1.0, 100)])
+
+
+def write_outputs(rows: List[Dict], out: str, meta: Dict) -> str:
+    rankings = ["attention", "attention_binary", "attention_normalised", *TERMS, "mean_entropy", "random", "oracle"]
+    table = capture_table(rows, rankings)
+    with open(os.path.join(out, "units.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# Error capture ({meta['config']})", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [
+        "", "| ranking | top 5% | top 10% | top 20% | Spearman |", "|---|---|---|---|---|"]
+    for t in table:
+        lines.append(f"| {t['ranking']} | {t['top5']:.1%} | {t['top10']:.1%} | {t['top20']:.1%} | {t['spearman']:.2f} |")
+    ratio = table[0]["top10"] / 0.10
+    lines += ["", f"Target: top 10% by attention hold >= 2x random's share: {ratio:.2f}x -> "
+                  f"**{'met' if ratio >= 2 else 'not met'}**", ""]
+    text = "\n".join(lines)
+    with open(os.path.join(out, "capture.md"), "w") as f:
+        f.write(text)
+    _plot(rows, rankings, os.path.join(out, "capture.png"))
+    return text
+
+
+def _plot(rows: List[Dict], rankings: Sequence[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    error = np.array([r["error_voxels"] for r in rows], float)
+    x = np.linspace(0.01, 1.0, 100)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in rankings:
+        y = x if name == "random" else curve(error if name == "oracle" else np.array([r[name] for r in rows], float), error)
+        ax.plot(x * 100, y * 100, label=name, lw=2 if name in ("attention", "oracle", "random") else 1)
+    ax.set_xlabel("units revised, % (volume x organ, by ranking)")
+    ax.set_ylabel("error voxels captured, %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def starters(cfg, n_models: int, out: str, log) -> List[str]:
+    """``n_models`` SegResNet starters (starter_seed, +1, ...), trained once and cached by their settings."""
+    from bench.simulation import loop
+
+    paths = []
+    for k in range(n_models):
+        model_cfg = dataclasses.replace(cfg, starter_seed=cfg.starter_seed + k)
+        path = os.path.join(out, "starter", f"starter_{cfg.name}_{model_cfg.starter_key()}.pth")
+        if not os.path.exists(path):
+            loop.train_starter(model_cfg, os.path.join(out, "work"), path, log)
+        paths.append(path)
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="small", help="a bench/simulation/config.py preset (default small)")
+    ap.add_argument("--models", type=int, default=2, help="SegResNet starters from different seeds (>= 2)")
+    ap.add_argument("--volumes", type=int, default=100, help="phantoms in the pool")
+    ap.add_argument("--seed", type=int, default=0, help="the pool's seed")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "error_capture"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from bench.simulation.data import make_studies
+
+    torch.set_num_threads(max(1, args.threads))
+    logging.disable(logging.WARNING)
+    cfg = get_config(args.config)
+    for item in args.set:
+        cfg = dataclasses.replace(cfg, **parse_override(cfg, item))
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
+
+    models = starters(cfg, args.models, out, log)
+    pool = os.path.join(out, "work", f"pool_{args.seed}")
+    studies = make_studies(os.path.join(pool, "images"), os.path.join(pool, "gt"), "pool", args.volumes, args.seed, cfg)
+    scorer = seed_scorer(cfg, models)
+    rows = []
+    for i, study in enumerate(studies, 1):
+        rows += volume_units(scorer, study, cfg)
+        if i % 10 == 0 or i == len(studies):
+            log(f"{i}/{len(studies)} volumes scored")
+    meta = {"config": cfg.name, "command": "python bench/error_capture.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "models": len(models), "volumes": len(studies),
+            "units": len(rows), "labels": cfg.labels, "wall_s": round(time.time() - start),
+            "settings": json.dumps({k: cfg.as_dict()[k] for k in ("shape", "grid_mm", "roi", "starter_iters")})}
+    print(write_outputs(rows, out, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
