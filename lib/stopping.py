@@ -233,13 +233,3 @@ def _name(proc) -> str:
     except Exception:
         return "?"
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    import psutil
-
-    return _alive(psutil.Process(pid))

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from lib.rounds.lock import FileLock, acquire_runner, is_locked
 from lib.rounds.log import INTERRUPTED, RoundLog
 from lib.files import write_json_atomic
-from lib.stopping import stop_reason, stop_requested
+from lib.stopping import stop_reason, stop_requested, uninterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -276,14 +276,16 @@ class RoundManager:
             return None
         # We hold the round lock, so a "running" entry left in the log belongs to a dead process.
         self.log.interrupt_running()
-        entry = self.log.start(reason, labels)
-        n = entry["round"]
-        self._reset_counter(snapshot)
-        t0 = time.monotonic()
-        self._running = n
+        t0, n = time.monotonic(), None
         try:
+            with uninterrupted():  # a stop signal while the entry is made lands below, its number known
+                entry = self.log.start(reason, labels)
+                n = self._running = entry["round"]
+                self._reset_counter(snapshot)
             fields = dict(self.run_round(dict(entry)) or {})
         except Exception as e:
+            if n is None:
+                raise
             if stop_requested():  # cut short by the stop (a worker killed, a step refused), not failed
                 return self.log.interrupt(n, f"{stop_reason()} while the round ran")
             if isinstance(e, RoundError):
@@ -291,7 +293,8 @@ class RoundManager:
             logger.exception(f"round {n} failed")  # the round fails, the server and the next rounds go on
             return self.log.fail(n, f"{type(e).__name__}: {e}", seconds=round(time.monotonic() - t0, 2))
         except BaseException as e:  # KeyboardInterrupt / SystemExit / a stop signal: record it, then go on
-            self.log.interrupt(n, f"{stop_reason() or type(e).__name__} while the round ran")
+            if n is not None:
+                self.log.interrupt(n, f"{stop_reason() or type(e).__name__} while the round ran")
             raise
         finally:
             self._running = None
