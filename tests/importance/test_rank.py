@@ -90,9 +90,10 @@ def test_a_ranking_stopped_mid_run_leaves_a_csv_of_what_it_scored_and_a_rerun_sc
     out = tmp_path / "ranking.csv"
     args = [str(studies), "--out", str(out), "--models", "segresnet", "--weights-dir", str(w),
             "--model-dir", str(tmp_path / "m"), "--no-progress"]
-    slow = ["--overlap", "0.5", "--engine", engine] + (["--workers", "1"] if engine == "ray" else [])
+    # One volume at a time: the signal comes as the first record appears, with two volumes still to do.
+    one_by_one = ["--overlap", "0", "--engine", engine] + (["--workers", "1"] if engine == "ray" else [])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "lib.importance.rank", *args, *slow], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lib.importance.rank", *args, *one_by_one], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     parts = out.parent / (out.name + ".parts")
     _wait("the first record", lambda: parts.is_dir() and any(parts.glob("*.json")), 300, proc)
