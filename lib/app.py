@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
@@ -21,12 +22,16 @@ from lib.rounds.manager import RoundManager
 from lib.trainers.round import RoundTrainTask, run_round
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.importance.engines import make_engine
+from lib.stopping import end_child_processes, install_stop_handlers, on_stop, stop_reason
 from lib.scoring.importance import ImportanceScoring
 from lib.importance.scorer import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
 from lib.weights import WeightsRegistry
 
 logger = logging.getLogger(__name__)
+
+# Seconds a stopping server gives its train / scoring subprocesses to end on SIGTERM before SIGKILL.
+STOP_GRACE_S = 5.0
 
 
 @dataclass
@@ -56,10 +61,24 @@ class Tasks:
             every_labels=self.cfg.round_every_labels,
             interval_s=self.cfg.round_interval_s,
             list_labels=lambda: labeled_images_now(datastore()),  # as saved now, by any process
+            requeue_interrupted=True,  # a round cut short by a stop or a crash runs again at the next start
         )
         if backbone_trainers:
             self.trainers["round"] = RoundTrainTask(self.rounds.trigger, self.rounds.info)
         return self.rounds
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> List[int]:
+        """The server is stopping: no round starts; the round this process runs is logged ``interrupted``;
+        MONAI Label's train / scoring subprocesses (and all else this process started) are ended (SIGTERM,
+        SIGKILL after ``grace_s``), then the rounds they ran are logged ``interrupted`` too. A round's new
+        model is published only at its end, so the previous one stays. Returns the pids ended."""
+        reason = stop_reason() or "the server stopped"
+        if self.rounds is not None:
+            self.rounds.interrupt(f"{reason} while the round ran")
+        ended = end_background_tasks(grace_s)
+        if self.rounds is not None:
+            self.rounds.log.mark_interrupted()
+        return ended
 
     @property
     def label_dict(self) -> Dict[str, int]:
@@ -171,3 +190,36 @@ def checked_dicomweb_datastore(datastore, label_dict):
         return datastore
     datastore.__class__ = CheckedDICOMWebDatastore  # same state (client, cache folder, watcher), checked methods
     return datastore.set_labels(label_dict)
+
+
+def stop_on_signals(on_signal: Callable[[int], None]) -> None:
+    """On SIGINT / SIGTERM call ``on_signal(signum)`` first, then what was there before: in the server
+    uvicorn's graceful shutdown; in MONAI Label's subprocesses Ctrl-C's KeyboardInterrupt, and for SIGTERM
+    ``lib.stopping.StopRequested``, so a round there is logged ``interrupted`` as the process unwinds."""
+    if install_stop_handlers():
+        on_stop(on_signal)
+
+
+def end_background_tasks(grace_s: float = STOP_GRACE_S) -> List[int]:
+    """MONAI Label runs train / scoring / batch-infer requests as subprocesses fed by one queue per kind
+    (``monailabel.utils.async_tasks``): cancel the requests waiting, refuse new ones (their queue is shut
+    down), and end the running subprocesses with every other process this one started (SIGTERM, then
+    SIGKILL after ``grace_s``). Returns the pids ended."""
+    from monailabel.utils.async_tasks import utils as async_tasks
+
+    executors = async_tasks.background_executors
+    for method in ("train", "scoring", "batch_infer"):
+        async_tasks.background_tasks.setdefault(method, [])
+        async_tasks.background_processes.setdefault(method, {})
+        if executors.get(method) is None:
+            executors[method] = ThreadPoolExecutor(max_workers=1)
+    for method, executor in executors.items():
+        executor.shutdown(wait=False, cancel_futures=True)  # a later request gets an error, not a process
+        for task in async_tasks.background_tasks.get(method, []):
+            if task.get("status") == "SUBMITTED":
+                task["status"] = "STOPPED"
+
+    def starting() -> bool:  # a queue's thread may be between taking a request and starting its process
+        return any(t.is_alive() for ex in executors.values() for t in getattr(ex, "_threads", ()))
+
+    return end_child_processes(grace_s, busy=starting)

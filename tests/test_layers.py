@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     "classes",  # the class tables
     "files",  # atomic writes, file versions
+    "stopping",  # the stop flag, signal handlers, ending child processes
     "data",  # synthetic phantoms
     "transforms",  # the SuPreM recipe as MONAI transforms
     "networks",  # architectures, checkpoints, sliding-window probabilities

@@ -16,8 +16,9 @@ if _ROOT not in sys.path:
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
-from lib.app import build_tasks, checked_dicomweb_datastore, checked_local_datastore  # noqa: E402
+from lib.app import build_tasks, checked_dicomweb_datastore, checked_local_datastore, stop_on_signals  # noqa: E402
 from lib.errors import checked_image, checked_model, guarded  # noqa: E402
+from lib.stopping import stop_requested  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ class SuPreMApp(MONAILabelApp):
             version="0.1.0",
             labels=self.tasks.label_dict,
         )
+        stop_on_signals(self.on_stop_signal)
+
+    def on_stop_signal(self, signum):
+        # The server ends its subprocesses; those (train, scoring) only unwind, logging a cut round.
+        if self._server_mode:
+            self.tasks.stop()
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -75,6 +82,8 @@ class SuPreMApp(MONAILabelApp):
         # see everything a new one would, so 16 annotators asking at once start one run, not 16.
         from monailabel.utils.async_tasks.utils import tasks
 
+        if stop_requested():  # stopping: no new scoring process
+            return {}
         if self._server_mode and any(t.get("status") == "SUBMITTED" for t in tasks("scoring")):
             return {}
         return super().async_scoring(method, params)

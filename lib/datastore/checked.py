@@ -20,6 +20,7 @@ from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastore
 from monailabel.interfaces.exception import ImageNotFoundException
 
 from lib.errors import refuse_path_characters
+from lib.stopping import uninterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,9 @@ class CheckedLocalDatastore(LocalDatastore):
             except Exception:  # a value pydantic cannot serialise: MONAI Label's way (str() of it)
                 text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             self._ignore_event_config = True
-            with open(self._datastore_config_path, "w") as f:
-                f.write(text)
+            with uninterrupted():  # a stop signal must not leave the record truncated (stored scores lost)
+                with open(self._datastore_config_path, "w") as f:
+                    f.write(text)
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:

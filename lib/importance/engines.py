@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lib.importance.failures import describe_error
 from lib.files import file_stamp
+from lib.stopping import reinstall_stop_handlers, stop_requested
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,16 @@ class InProcessEngine:
         self.scorer = scorer
 
     def run(self, jobs: Sequence[Job], on_result: OnResult, still_wanted: StillWanted = None) -> Dict:
-        dropped = []
-        for image_id, path in jobs:
+        dropped, not_started = [], []
+        for k, (image_id, path) in enumerate(jobs):
+            if stop_requested():  # the process is stopping: the next run scores the rest
+                not_started = [i for i, _ in jobs[k:]]
+                break
             if still_wanted is not None and not still_wanted(image_id):
                 dropped.append(image_id)
                 continue
             on_result(image_id, score_one(self.scorer, path))
-        return {"engine": self.name, "workers": 1, "lost": [], "not_started": [], "dropped": dropped}
+        return {"engine": self.name, "workers": 1, "lost": [], "not_started": not_started, "dropped": dropped}
 
 
 class ScoringWorker:
@@ -99,6 +104,8 @@ class ScoringWorker:
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
     """Join the Ray cluster at ``address``, or start a local one; returns the ``ray`` module."""
+    # Ray's C++ crash handler would take SIGTERM from this process's own (``lib.stopping``: stop cleanly).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
 
     if ray.is_initialized():
@@ -115,6 +122,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
+    reinstall_stop_handlers()  # ray.init made SIGTERM a plain sys.exit
     logger.info(f"Ray: {ray.cluster_resources()}")
     return ray
 
@@ -184,7 +192,7 @@ class RayEngine:
         dropped: List[str] = []
 
         def submit(i: int):
-            while queue:
+            while queue and not stop_requested():  # stopping: the next run scores the rest
                 image_id, path = queue.popleft()
                 if still_wanted is not None and not still_wanted(image_id):
                     dropped.append(image_id)
@@ -237,3 +245,10 @@ def make_engine(scorer, engine: str = "inprocess", **ray_options):
     if engine == "ray":
         return RayEngine(scorer, **ray_options)
     raise ValueError(f"unknown scoring engine {engine!r}: choose one of {', '.join(ENGINES)}")
+
+
+def shutdown_ray() -> None:
+    """Leave Ray if this process joined it; a Ray that ``init_ray`` started here ends with its workers."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -5,7 +5,8 @@
 One JSON record per volume is written (atomically) beside the CSV as it finishes, so an interrupted
 run loses at most the volume in progress and a re-run scores only what is missing or stale (other
 model files, or a changed image file). The CSV lists volumes by descending score with their organs in
-revision order.
+revision order. Ctrl-C (or SIGTERM) stops at once: the CSV is written with the volumes scored so far,
+a Ray started here ends with its workers, and the same command run again scores the rest.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from lib.files import atomic_open, file_stamp, read_json, write_json_atomic
-from lib.importance.engines import ENGINES, InProcessEngine, make_engine
+from lib.importance.engines import ENGINES, InProcessEngine, make_engine, shutdown_ray
 from lib.importance.records import is_current, is_scored
+from lib.stopping import install_stop_handlers
 from lib.transforms.recipe import AMP_MODES, PRESETS
 
 logger = logging.getLogger("lib.importance.rank")
@@ -107,9 +109,14 @@ def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True, engine
             bar.update(1)
             bar.set_postfix_str(f"{image_id} {record.get('score', 'error')}")
 
-    run = RankRun(records, engine.run([(i, files[i]) for i in todo], store))
-    if bar is not None:
-        bar.close()
+    try:
+        run = RankRun(records, engine.run([(i, files[i]) for i in todo], store))
+    except KeyboardInterrupt:  # Ctrl-C or a stop signal: the priority list of what is scored so far
+        write_csv(out_csv, records)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     if run.missing:
         logger.error(
             f"{len(run.missing)} volumes not scored (workers lost): {', '.join(run.missing[:20])}; run again to score them"
@@ -184,6 +191,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    install_stop_handlers()  # SIGTERM unwinds like Ctrl-C: the CSV is written, a local Ray is shut down
+    try:
+        return _rank(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: the volumes scored so far are in {args.out} (records in {args.out}.parts); "
+              "run the same command again to score the rest", file=sys.stderr)
+        return 130
+    finally:
+        shutdown_ray()
+
+
+def _rank(args) -> int:
     scorer = build_scorer(args)
     engine = make_engine(
         scorer,

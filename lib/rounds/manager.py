@@ -26,8 +26,9 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from lib.rounds.lock import FileLock, acquire_runner, is_locked
-from lib.rounds.log import RoundLog
+from lib.rounds.log import INTERRUPTED, RoundLog
 from lib.files import write_json_atomic
+from lib.stopping import stop_reason, stop_requested, uninterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ class RoundManager:
     ``interval_s`` > 0: after ``start()``, a timer triggers a round that often, but only when the final
     labels changed since the last successful round (an unchanged datastore would only retrain on the
     same data).
+
+    ``requeue_interrupted``: ``start()`` runs the last round again when it was interrupted (the server
+    stopped or died while it ran) and the final labels now differ from the last successful round's.
+
+    When the process is stopping (``lib.stopping``) no round starts, and a round cut short by the stop is
+    logged ``interrupted``: ``interrupt()`` marks the one running in this process at once.
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class RoundManager:
         every_labels: int = 0,
         interval_s: float = 0,
         list_labels: Optional[Callable[[], Sequence[str]]] = None,
+        requeue_interrupted: bool = False,
     ):
         self.state_dir = os.path.abspath(state_dir)
         os.makedirs(self.state_dir, exist_ok=True)
@@ -90,6 +98,7 @@ class RoundManager:
         self.every_labels = int(every_labels or 0)
         self.interval_s = float(interval_s or 0)
         self.list_labels = list_labels
+        self.requeue_interrupted = requeue_interrupted
         self.lock_path = os.path.join(self.state_dir, LOCK_FILE)
         self.pending_path = os.path.join(self.state_dir, PENDING_FILE)
         self.counter_path = os.path.join(self.state_dir, COUNTER_FILE)
@@ -99,6 +108,7 @@ class RoundManager:
         self._timer: Optional[threading.Thread] = None
         self._runners: List[threading.Thread] = []
         self._runners_guard = threading.Lock()
+        self._running: Optional[int] = None  # the round this process runs now
 
     # --- life cycle ---------------------------------------------------------------------------------
     def start(self) -> "RoundManager":
@@ -116,7 +126,22 @@ class RoundManager:
             self._timer = threading.Thread(target=self._interval_loop, name="round-interval", daemon=True)
             self._timer.start()
             logger.info(f"rounds: a round every {self.interval_s:g} s when the final labels changed")
+        if self.requeue_interrupted:
+            self._requeue_interrupted()
         return self
+
+    def _requeue_interrupted(self) -> Optional[str]:
+        """Run the last round again if it was interrupted and its labels are still new (not all trained on
+        by a successful round: the final labels now differ from the last successful round's)."""
+        entries = self.log.entries()
+        if not entries or entries[-1].get("status") != INTERRUPTED:
+            return None
+        n, done, labels = entries[-1].get("round"), self.log.last_done(), self._labels()
+        if done is not None and labels is not None and sorted(labels) == sorted(done.get("label_ids") or []):
+            logger.info(f"rounds: round {n} was interrupted; round {done['round']} trained on the same labels")
+            return None
+        logger.info(f"rounds: round {n} was interrupted; running it again")
+        return self.trigger(f"resumed round {n}")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the interval timer. A round already running goes on (its thread is a daemon)."""
@@ -124,6 +149,15 @@ class RoundManager:
         if self._timer is not None:
             self._timer.join(timeout)
             self._timer = None
+
+    def interrupt(self, reason: str) -> Optional[int]:
+        """The process is stopping: stop the timer and mark the round it runs now (if any) interrupted,
+        before its daemon thread dies with the process. Returns that round's number."""
+        self.stop(timeout=0)
+        n = self._running
+        if n is not None:
+            self.log.interrupt(n, reason)
+        return n
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait for the rounds this process runs in the background; True when none is left."""
@@ -162,6 +196,9 @@ class RoundManager:
         """Ask for a round. Returns "started" (this call runs it: in a daemon thread, or before returning
         when ``wait``), "queued" / "already queued" (a round is running; one more follows it) or
         "skipped" (there are no final labels)."""
+        if stop_requested():
+            logger.info(f"round ({reason}) not started: {stop_reason()}")
+            return SKIPPED
         labels = self._labels()
         if labels is not None and not labels:
             logger.warning(f"round ({reason}) skipped: there are no final labels to train on")
@@ -214,6 +251,8 @@ class RoundManager:
                 queued = self._take_pending()
                 self._run_one(reason if reason is not None else (queued or "queued"))
                 reason = None
+                if stop_requested():  # a queued round stays queued for the next start
+                    return
                 if os.path.exists(self.pending_path):
                     continue
                 lock.release()
@@ -237,20 +276,30 @@ class RoundManager:
             return None
         # We hold the round lock, so a "running" entry left in the log belongs to a dead process.
         self.log.interrupt_running()
-        entry = self.log.start(reason, labels)
-        n = entry["round"]
-        self._reset_counter(snapshot)
-        t0 = time.monotonic()
+        t0, n = time.monotonic(), None
         try:
+            with uninterrupted():  # a stop signal while the entry is made lands below, its number known
+                entry = self.log.start(reason, labels)
+                n = self._running = entry["round"]
+                self._reset_counter(snapshot)
             fields = dict(self.run_round(dict(entry)) or {})
-        except RoundError as e:
-            return self.log.fail(n, str(e), **{**e.fields, "seconds": round(time.monotonic() - t0, 2)})
-        except Exception as e:  # the round fails, the server and the next rounds go on
-            logger.exception(f"round {n} failed")
+        except Exception as e:
+            if n is None:
+                raise
+            if stop_requested():  # cut short by the stop (a worker killed, a step refused), not failed
+                return self.log.interrupt(n, f"{stop_reason()} while the round ran")
+            if isinstance(e, RoundError):
+                return self.log.fail(n, str(e), **{**e.fields, "seconds": round(time.monotonic() - t0, 2)})
+            logger.exception(f"round {n} failed")  # the round fails, the server and the next rounds go on
             return self.log.fail(n, f"{type(e).__name__}: {e}", seconds=round(time.monotonic() - t0, 2))
-        except BaseException as e:  # KeyboardInterrupt / SystemExit: record it, then let it go on
-            self.log.interrupt(n, f"{type(e).__name__} while the round ran")
+        except BaseException as e:  # KeyboardInterrupt / SystemExit / a stop signal: record it, then go on
+            if n is not None:
+                self.log.interrupt(n, f"{stop_reason() or type(e).__name__} while the round ran")
             raise
+        finally:
+            self._running = None
+        if stop_requested():  # the round's steps ended early (scoring stopped between volumes)
+            return self.log.interrupt(n, f"{stop_reason()} while the round ran")
         if fields.get("dice") and not fields.get("mean_dice"):
             fields["mean_dice"] = mean_dice(fields["dice"])
         fields["seconds"] = round(time.monotonic() - t0, 2)

@@ -14,6 +14,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.datastore import ranked_pool
 from lib.files import file_version
+from lib.stopping import check_stop
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def run_round(entry: Dict, trainers: Dict, scoring, datastore: Datastore, organs
         if not trainer.registry.available(backbone):
             logger.info(f"round {n}: {backbone} has no weights; not trained")
             continue
+        check_stop(f"round {n}: {backbone} not trained")
         logger.info(f"round {n}: training {backbone}")
         res = trainer({"name": f"round_{n:03d}", "round": n, "source": f"fine-tuned (round {n})"}, datastore)
         metrics = (res.get("eval") or {}).get("metrics") or {}
@@ -40,6 +42,7 @@ def run_round(entry: Dict, trainers: Dict, scoring, datastore: Datastore, organs
         key = (res.get("eval") or res.get("train") or {}).get("best_metric", res.get("best_metric"))
         mean[backbone] = round(float(key), 4) if key is not None else None
         published[backbone] = {"file": res["published"], "version": file_version(res["published"])}
+    check_stop(f"round {n}: pool not re-scored")
     rescored = scoring({}, datastore) if scoring else {}
     scored, _ = ranked_pool(datastore)
     return {

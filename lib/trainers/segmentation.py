@@ -23,6 +23,7 @@ from lib.transforms.cache import open_cache
 from lib.transforms.recipe import AMP_DTYPES, AMP_MODES, Recipe, training_transforms
 from lib.weights import WeightsRegistry
 from lib.files import file_version, write_json_atomic
+from lib.stopping import check_stop
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ class SuPreMTrainer(BasicTrainTask):
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         result = super().__call__(request, datastore)
         result = dict(result or {})
+        check_stop(f"{self.backbone}: not published, the previous model stays")  # a stop cut training short
         published = self._publish(request, result, n_labels=len(datalist), seconds=time.time() - start)
         result["published"] = published
         return result

@@ -21,6 +21,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lib.rounds import RoundManager  # noqa: E402
+from lib.stopping import install_stop_handlers  # noqa: E402
 
 
 class Recorder:
@@ -76,6 +77,7 @@ def main():
     p.add_argument("--gap", type=float, default=0.0)
     a = p.parse_args()
     if a.mode == "hang":
+        install_stop_handlers()  # as the app does in every process: SIGTERM unwinds, the round is logged
         m = RoundManager(a.state, Recorder(a.record, sleep=60), list_labels=lambda: ["a", "b"]).start()
         print(m.trigger("hang", wait=True), flush=True)
         return

@@ -245,6 +245,36 @@ def test_round_of_a_killed_process_is_marked_interrupted_and_the_next_round_star
     assert new["round"] == 2 and new["status"] == "done" and dead["status"] == "interrupted"
 
 
+def test_sigterm_to_a_process_running_a_round_logs_it_interrupted_and_ends_the_process(tmp_path):
+    proc, log = start_hanging_round(str(tmp_path / "state"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 128 + signal.SIGTERM, proc.communicate()[1].decode()
+    (cut,) = log.entries()
+    assert cut["status"] == "interrupted" and "SIGTERM" in cut["error"], cut
+    assert log.current() is None and not is_locked(log.round_lock)
+
+
+def test_start_runs_an_interrupted_round_again_only_while_its_labels_are_still_new(tmp_path):
+    state = str(tmp_path / "state")
+    proc, _ = start_hanging_round(state)  # final labels a, b
+    proc.kill()
+    proc.wait(10)
+    m, rec, _ = make(tmp_path, requeue_interrupted=True)  # final labels a, b: not trained on yet
+    m.start()
+    assert m.join(20)
+    cut, again = m.log.entries()
+    assert cut["status"] == "interrupted"
+    assert again["status"] == "done" and again["trigger"] == "resumed round 1" and again["label_ids"] == ["a", "b"]
+    # Cut again, but round 2 trained on the same labels: nothing new, the start runs no round.
+    proc, _ = start_hanging_round(state)
+    proc.kill()
+    proc.wait(10)
+    m, rec, _ = make(tmp_path, requeue_interrupted=True)
+    m.start()
+    assert m.join(20)
+    assert [e["status"] for e in m.log.entries()] == ["interrupted", "done", "interrupted"]
+
+
 def test_start_leaves_a_round_running_in_another_live_process_alone(tmp_path):
     state = str(tmp_path / "state")
     proc, log = start_hanging_round(state)
