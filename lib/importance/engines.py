@@ -23,7 +23,7 @@ from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lib.importance.failures import describe_error
-from lib.files import file_stamp
+from lib.importance.prefetch import Ahead, load, score_in_order, score_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -37,35 +37,27 @@ StillWanted = Optional[Callable[[str], bool]]  # asked just before a volume is s
 
 def score_one(scorer, path: str) -> Dict:
     """Score one volume; a study that cannot be scored gives a record with its error instead."""
-    stamp = file_stamp(path)  # before reading: a file replaced meanwhile is scored again next time
-    try:
-        record, _ = scorer.score_file(path)
-    except Exception as e:  # one bad study must not stop a run
-        record = {"error": describe_error(e)[:500], "models": scorer.versions()}
-    record["file"] = stamp
-    return record
+    return score_loaded(scorer, load(scorer, path))
 
 
 class InProcessEngine:
-    """Scores the volumes one after the other in this process."""
+    """Scores the volumes one after the other in this process, the next one loaded meanwhile
+    (``lib.importance.prefetch``; ``prefetch=False``: one at a time)."""
 
     name = "inprocess"
 
-    def __init__(self, scorer):
+    def __init__(self, scorer, prefetch: bool = True):
         self.scorer = scorer
+        self.prefetch = prefetch
 
     def run(self, jobs: Sequence[Job], on_result: OnResult, still_wanted: StillWanted = None) -> Dict:
-        dropped = []
-        for image_id, path in jobs:
-            if still_wanted is not None and not still_wanted(image_id):
-                dropped.append(image_id)
-                continue
-            on_result(image_id, score_one(self.scorer, path))
+        dropped = score_in_order(self.scorer, jobs, on_result, still_wanted, prefetch=self.prefetch)
         return {"engine": self.name, "workers": 1, "lost": [], "not_started": [], "dropped": dropped}
 
 
 class ScoringWorker:
-    """A Ray actor: builds the scorer once (backbones loaded on first use, then kept) and scores volumes."""
+    """A Ray actor: builds the scorer once (backbones loaded on first use, then kept) and scores volumes,
+    loading the next one it is told of (``next_path``) while it scores the current one."""
 
     def __init__(self, spec, threads: int = 0):
         import torch
@@ -75,14 +67,18 @@ class ScoringWorker:
         # Ray hides the GPUs an actor did not ask for (CUDA_VISIBLE_DEVICES), so this is its own GPU or none.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.scorer = spec.build(self.device)
+        self.ahead = Ahead(lambda path: load(self.scorer, path))
         self.volumes = 0
         self.started = time.time()
 
     def where(self) -> Dict:
         return {"pid": os.getpid(), "node": os.uname().nodename, "device": self.device}
 
-    def score(self, path: str) -> Dict:
-        record = score_one(self.scorer, path)
+    def score(self, path: str, next_path: Optional[str] = None) -> Dict:
+        loaded = self.ahead.take(path)
+        if next_path:
+            self.ahead.start(next_path)
+        record = score_loaded(self.scorer, loaded)
         self.volumes += 1
         return record
 
@@ -93,6 +89,7 @@ class ScoringWorker:
             "device": self.device,
             "volumes": self.volumes,
             "networks_loaded": self.scorer.cache.loads,
+            "loaded_ahead": self.ahead.hits,
             "seconds": round(time.time() - self.started, 1),
         }
 
@@ -183,14 +180,28 @@ class RayEngine:
         lost: List[str] = []
         dropped: List[str] = []
 
-        def submit(i: int):
+        told: Dict[int, Job] = {}  # the volume each worker loads ahead: its next one
+
+        def take_wanted() -> Optional[Job]:
             while queue:
                 image_id, path = queue.popleft()
-                if still_wanted is not None and not still_wanted(image_id):
-                    dropped.append(image_id)
-                    continue
-                pending[self.actors[i].score.remote(path)] = (i, image_id)
+                if still_wanted is None or still_wanted(image_id):
+                    return image_id, path
+                dropped.append(image_id)
+            return None
+
+        def submit(i: int):
+            job = told.pop(i, None)
+            if job is not None and still_wanted is not None and not still_wanted(job[0]):
+                dropped.append(job[0])  # labelled while it loaded
+                job = None
+            job = job or take_wanted()
+            if job is None:
                 return
+            following = take_wanted()
+            if following is not None:
+                told[i] = following
+            pending[self.actors[i].score.remote(job[1], following and following[1])] = (i, job[0])
 
         for i in range(n):
             submit(i)
@@ -205,6 +216,8 @@ class RayEngine:
                 logger.error(f"Ray worker {i} lost {image_id}: {describe_error(e).splitlines()[0][:300]}")
                 if self.retries == 0:
                     alive.discard(i)  # not restartable
+                    if i in told:
+                        queue.appendleft(told.pop(i))  # for another worker
                     if not alive:
                         logger.error(f"no Ray worker left; {len(queue)} volumes not started")
                     continue

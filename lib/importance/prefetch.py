@@ -1,0 +1,137 @@
+"""One volume ahead: the next volume is loaded and pre-processed on a background thread while the
+current one is scored, so the host work (reading, resampling to 1.5 mm) hides behind the GPU work.
+
+``load`` is the host part of scoring a volume and ``score_loaded`` the device part; ``score_one`` in
+``lib.importance.engines`` is the two in a row. ``Ahead`` keeps at most one volume loaded ahead (one
+more pre-processed volume in memory, ~4 bytes per working-grid voxel); ``score_in_order`` scores a list
+of volumes with it, as the in-process engine does; each Ray worker keeps its own ``Ahead``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from lib.files import file_stamp
+from lib.importance.failures import describe_error
+
+
+@dataclass
+class Loaded:
+    """A volume read and pre-processed (``image``), or the error that stopped it."""
+
+    path: str
+    stamp: Dict = field(default_factory=dict)
+    image: Any = None
+    error: Optional[BaseException] = None
+    seconds: float = 0.0
+
+
+def load(scorer, path: str) -> Loaded:
+    """Read and pre-process one volume; an error is kept for its record, not raised."""
+    stamp = file_stamp(path)  # before reading: a file replaced meanwhile is scored again next time
+    start = time.perf_counter()
+    try:
+        image = scorer.preprocess(path)
+    except Exception as e:  # one bad study must not stop a run
+        return Loaded(path, stamp, error=e, seconds=time.perf_counter() - start)
+    return Loaded(path, stamp, image, seconds=time.perf_counter() - start)
+
+
+def score_loaded(scorer, loaded: Loaded) -> Dict:
+    """The volume's record: its score and stages, or the error of its loading or its scoring."""
+    try:
+        if loaded.error is not None:
+            raise loaded.error
+        record, _ = scorer.score_image(loaded.image, loaded.seconds)
+    except Exception as e:  # one bad study must not stop a run
+        record = {"error": describe_error(e)[:500], "models": scorer.versions()}
+    record["file"] = loaded.stamp
+    return record
+
+
+class Ahead:
+    """Loads at most one volume ahead on a background thread.
+
+    ``start(path)`` returns once the thread has begun loading ``path``; ``take(path)`` gives that
+    volume when it was started, else loads it now (a volume started but never taken is dropped).
+    """
+
+    def __init__(self, load_one: Callable[[str], Loaded]):
+        self.load_one = load_one
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._next: Optional[Tuple[str, Future]] = None
+        self.hits = 0  # volumes taken from the background thread
+
+    def start(self, path: str) -> None:
+        begun = threading.Event()
+
+        def run():
+            begun.set()
+            return self.load_one(path)
+
+        self._next = (path, self._pool.submit(run))
+        begun.wait()
+
+    def take(self, path: str) -> Loaded:
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == path:
+            self.hits += 1
+            return ahead[1].result()
+        return self.load_one(path)
+
+    def close(self) -> None:
+        self._next = None
+        self._pool.shutdown(wait=True)
+
+
+Job = Tuple[str, str]  # (image id, image file)
+
+
+def score_in_order(
+    scorer,
+    jobs: Sequence[Job],
+    on_result: Callable[[str, Dict], None],
+    still_wanted: Optional[Callable[[str], bool]] = None,
+    prefetch: bool = True,
+) -> List[str]:
+    """Score ``jobs`` one after the other, the next one loaded while the current one is scored.
+
+    ``still_wanted(image_id)`` is asked before a volume is loaded and again before it is scored; a volume
+    it turns down is not scored. Returns the ids turned down.
+    """
+    queue = deque(jobs)
+    dropped: List[str] = []
+
+    def wanted(image_id: str) -> bool:
+        if still_wanted is None or still_wanted(image_id):
+            return True
+        dropped.append(image_id)
+        return False
+
+    def next_job() -> Optional[Job]:
+        while queue:
+            job = queue.popleft()
+            if wanted(job[0]):
+                return job
+        return None
+
+    ahead = Ahead(lambda path: load(scorer, path)) if prefetch else None
+    try:
+        job = next_job()
+        while job is not None:
+            image_id, path = job
+            loaded = ahead.take(path) if ahead else load(scorer, path)
+            job = next_job()
+            if job is not None and ahead:
+                ahead.start(job[1])
+            if wanted(image_id):  # asked again: it may have been labelled while it loaded
+                on_result(image_id, score_loaded(scorer, loaded))
+    finally:
+        if ahead:
+            ahead.close()
+    return dropped
