@@ -3,10 +3,10 @@
 Both engines run the same per-volume step, ``score_one`` (pre-process, every backbone, attention,
 record), and hand each record to the caller's ``on_result`` as soon as it is made, so the caller
 (the server's scoring method or the offline ranking) stores it at once: a crash loses only the
-volumes in flight.
+volumes in flight. Both load the next volume while the current one is scored (``lib.importance.prefetch``).
 
 ``RayEngine``: one Ray actor per worker, each holding one GPU (or ``cpus_per_worker`` CPUs) and the
-backbones loaded once; each worker has one volume at a time, and gets the next as it finishes. A
+backbones loaded once; each worker scores one volume at a time, loading the one it gets next. A
 worker that dies (killed, preempted, out of memory) is restarted and its volume retried
 ``retries`` times; after that the volume is reported as lost (no record is written, so a re-run scores
 it). ``ray.init()`` starts a local Ray on this machine unless ``address`` names a cluster to join
@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lib.importance.failures import describe_error
-from lib.importance.prefetch import Ahead, load, score_in_order, score_loaded
+from lib.importance.prefetch import Ahead, Feed, load, score_in_order, score_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -174,34 +173,16 @@ class RayEngine:
             f"Ray: {len(jobs)} volumes on {n} workers ({gpus} GPU, {self.cpus_per_worker} CPU each): "
             + ", ".join(f"{w['node']}:{w['pid']} {w['device']}" for w in self.worker_info)
         )
-        queue = deque(jobs)
+        feed = Feed(jobs, still_wanted)
+        queue, dropped = feed.queue, feed.dropped
         pending: Dict = {}
         alive = set(range(n))
         lost: List[str] = []
-        dropped: List[str] = []
-
-        told: Dict[int, Job] = {}  # the volume each worker loads ahead: its next one
-
-        def take_wanted() -> Optional[Job]:
-            while queue:
-                image_id, path = queue.popleft()
-                if still_wanted is None or still_wanted(image_id):
-                    return image_id, path
-                dropped.append(image_id)
-            return None
 
         def submit(i: int):
-            job = told.pop(i, None)
-            if job is not None and still_wanted is not None and not still_wanted(job[0]):
-                dropped.append(job[0])  # labelled while it loaded
-                job = None
-            job = job or take_wanted()
-            if job is None:
-                return
-            following = take_wanted()
-            if following is not None:
-                told[i] = following
-            pending[self.actors[i].score.remote(job[1], following and following[1])] = (i, job[0])
+            job, following = feed.next_for(i)
+            if job is not None:
+                pending[self.actors[i].score.remote(job[1], following)] = (i, job[0])
 
         for i in range(n):
             submit(i)
@@ -216,8 +197,7 @@ class RayEngine:
                 logger.error(f"Ray worker {i} lost {image_id}: {describe_error(e).splitlines()[0][:300]}")
                 if self.retries == 0:
                     alive.discard(i)  # not restartable
-                    if i in told:
-                        queue.appendleft(told.pop(i))  # for another worker
+                    feed.give_back(i)
                     if not alive:
                         logger.error(f"no Ray worker left; {len(queue)} volumes not started")
                     continue

@@ -90,48 +90,71 @@ class Ahead:
 
 
 Job = Tuple[str, str]  # (image id, image file)
+StillWanted = Optional[Callable[[str], bool]]
+
+
+class Feed:
+    """The volumes of a run, handed to one worker (in-process) or several (Ray): each gets its next volume
+    and is told the one after, which it loads while it scores. ``still_wanted`` is asked when a volume is
+    told and again when it is handed out; the volumes it turns down go to ``dropped``."""
+
+    def __init__(self, jobs: Sequence[Job], still_wanted: StillWanted = None):
+        self.queue = deque(jobs)
+        self.still_wanted = still_wanted
+        self.dropped: List[str] = []
+        self.told: Dict[int, Job] = {}  # the volume each worker loads ahead
+
+    def _wanted(self, job: Job) -> bool:
+        if self.still_wanted is None or self.still_wanted(job[0]):
+            return True
+        self.dropped.append(job[0])
+        return False
+
+    def _take(self) -> Optional[Job]:
+        while self.queue:
+            job = self.queue.popleft()
+            if self._wanted(job):
+                return job
+        return None
+
+    def next_for(self, worker: int) -> Tuple[Optional[Job], Optional[str]]:
+        """(the volume worker ``worker`` scores now, the path of the one it loads meanwhile)."""
+        job = self.told.pop(worker, None)
+        if job is None or not self._wanted(job):
+            job = self._take()
+        if job is None:
+            return None, None
+        following = self._take()
+        if following is not None:
+            self.told[worker] = following
+        return job, following and following[1]
+
+    def give_back(self, worker: int) -> None:
+        """A worker is gone: the volume it was told of goes back to the front of the queue."""
+        if worker in self.told:
+            self.queue.appendleft(self.told.pop(worker))
 
 
 def score_in_order(
     scorer,
     jobs: Sequence[Job],
     on_result: Callable[[str, Dict], None],
-    still_wanted: Optional[Callable[[str], bool]] = None,
+    still_wanted: StillWanted = None,
     prefetch: bool = True,
 ) -> List[str]:
-    """Score ``jobs`` one after the other, the next one loaded while the current one is scored.
-
-    ``still_wanted(image_id)`` is asked before a volume is loaded and again before it is scored; a volume
-    it turns down is not scored. Returns the ids turned down.
-    """
-    queue = deque(jobs)
-    dropped: List[str] = []
-
-    def wanted(image_id: str) -> bool:
-        if still_wanted is None or still_wanted(image_id):
-            return True
-        dropped.append(image_id)
-        return False
-
-    def next_job() -> Optional[Job]:
-        while queue:
-            job = queue.popleft()
-            if wanted(job[0]):
-                return job
-        return None
-
+    """Score ``jobs`` one after the other, the next one loaded while the current one is scored (or
+    not, ``prefetch=False``). Returns the ids ``still_wanted`` turned down: those are not scored."""
+    feed = Feed(jobs, still_wanted)
     ahead = Ahead(lambda path: load(scorer, path)) if prefetch else None
     try:
-        job = next_job()
+        job, following = feed.next_for(0)
         while job is not None:
-            image_id, path = job
-            loaded = ahead.take(path) if ahead else load(scorer, path)
-            job = next_job()
-            if job is not None and ahead:
-                ahead.start(job[1])
-            if wanted(image_id):  # asked again: it may have been labelled while it loaded
-                on_result(image_id, score_loaded(scorer, loaded))
+            loaded = ahead.take(job[1]) if ahead else load(scorer, job[1])
+            if following is not None and ahead:
+                ahead.start(following)
+            on_result(job[0], score_loaded(scorer, loaded))
+            job, following = feed.next_for(0)
     finally:
         if ahead:
             ahead.close()
-    return dropped
+    return feed.dropped

@@ -14,7 +14,7 @@ from lib.importance.scorer import VolumeScorer
 from lib.transforms.recipe import PRESETS
 from support import synthetic_registry
 
-SHAPE = (48, 48, 32)
+SHAPE = (32, 32, 24)  # a 64^3 working grid at 1.5 mm: one 64^3 window (the order, not the size, is tested)
 SPACING = (3.0, 3.0, 4.0)
 SAME = ("score", "organs", "priority", "attention_ml", "heat", "models", "entropy", "normalised", "file", "error")
 
@@ -22,7 +22,7 @@ SAME = ("score", "organs", "priority", "attention_ml", "heat", "models", "entrop
 @pytest.fixture
 def scorer(tmp_path):
     reg = synthetic_registry(tmp_path)
-    recipe = PRESETS["recipe"].with_overrides(overlap=0.0)
+    recipe = PRESETS["recipe"].with_overrides(overlap=0.0, roi=(64, 64, 64))
     return VolumeScorer(["segresnet"], reg, LABEL_SETS["atlas25"], recipe, device="cpu")
 
 
@@ -45,21 +45,18 @@ def _run(engine, jobs, still_wanted=None):
     return records, summary
 
 
-def test_prefetch_gives_the_records_of_one_at_a_time_and_a_broken_volume_its_error(tmp_path, scorer):
-    jobs = _jobs(tmp_path / "studies", 3, broken_at=1)
+def test_prefetch_gives_the_records_of_one_at_a_time_with_stage_timings_and_a_broken_volume_its_error(
+    tmp_path, scorer
+):
+    jobs = _jobs(tmp_path / "studies", 2, broken_at=1)
     ahead, _ = _run(InProcessEngine(scorer), jobs)
     one_by_one, _ = _run(InProcessEngine(scorer, prefetch=False), jobs)
-    assert list(ahead) == ["v0", "broken", "v1", "v2"]  # the run went on after the broken volume
+    assert list(ahead) == ["v0", "broken", "v1"]  # the run went on after the broken volume
     assert "could not read" in ahead["broken"]["error"] and ahead["broken"]["file"]
     for image_id, record in one_by_one.items():
         assert {k: ahead[image_id].get(k) for k in SAME} == {k: record.get(k) for k in SAME}, image_id
-    assert len({ahead[f"v{i}"]["score"] for i in range(3)} | {str(ahead[f"v{i}"]["organs"]) for i in range(3)}) > 2
-
-
-def test_each_record_keeps_its_stage_timings(tmp_path, scorer):
-    jobs = _jobs(tmp_path / "studies", 2)
-    records, _ = _run(InProcessEngine(scorer), jobs)
-    for record in records.values():
+    assert ahead["v0"]["heat"] != ahead["v1"]["heat"], "two different volumes"
+    for record in (ahead["v0"], ahead["v1"]):
         stages = record["stages"]
         assert list(stages) == ["pre", "segresnet", "masks", "attention"]
         assert all(v >= 0 for v in stages.values()) and stages["pre"] > 0 and stages["segresnet"] > 0
@@ -67,7 +64,7 @@ def test_each_record_keeps_its_stage_timings(tmp_path, scorer):
 
 
 def test_the_next_volume_is_loaded_while_the_current_one_is_scored(tmp_path, scorer):
-    jobs = _jobs(tmp_path / "studies", 3)
+    jobs = _jobs(tmp_path / "studies", 2)
     events, loading = [], {path: threading.Event() for _, path in jobs}
     images = {}
     preprocess, score_image = scorer.preprocess, scorer.score_image
@@ -92,7 +89,7 @@ def test_the_next_volume_is_loaded_while_the_current_one_is_scored(tmp_path, sco
 
     scorer.preprocess, scorer.score_image = recorded_preprocess, recorded_score_image
     records, _ = _run(InProcessEngine(scorer), jobs)
-    assert sorted(records) == ["v0", "v1", "v2"] and all("score" in r for r in records.values())
+    assert sorted(records) == ["v0", "v1"] and all("score" in r for r in records.values())
     for (_, path), (_, following) in zip(jobs, jobs[1:]):
         assert events.index(("load starts", following)) < events.index(("scoring ends", path)), events
         assert events.index(("scoring starts", path)) < events.index(("scoring starts", following)), events
@@ -118,12 +115,11 @@ def test_a_volume_turned_down_is_not_scored_even_when_it_was_loaded_ahead(tmp_pa
 
 def test_a_ray_worker_loads_the_volume_it_is_told_of_while_it_scores(tmp_path, scorer):
     """The Ray actor's class, in this process: ``score(path, next_path)``."""
-    jobs = _jobs(tmp_path / "studies", 2, broken_at=2)
+    jobs = _jobs(tmp_path / "studies", 1, broken_at=1)
     worker = ScoringWorker(scorer.spec())
     paths = [p for _, p in jobs]
-    got = [worker.score(path, following) for path, following in zip(paths, paths[1:] + [None])]
-    assert worker.ahead.hits == 2 and worker.stats()["loaded_ahead"] == 2
-    for path, record in zip(paths, got):
-        expected = score_one(scorer, path)
-        assert {k: record.get(k) for k in SAME} == {k: expected.get(k) for k in SAME}, path
-    assert "error" in got[2] and "score" in got[0]
+    got = [worker.score(paths[0], paths[1]), worker.score(paths[1])]
+    assert worker.ahead.hits == 1 and worker.stats()["loaded_ahead"] == 1
+    expected = score_one(scorer, paths[0])
+    assert {k: got[0].get(k) for k in SAME} == {k: expected.get(k) for k in SAME}
+    assert "could not read" in got[1]["error"] and "score" in got[0]

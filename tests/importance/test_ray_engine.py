@@ -83,6 +83,8 @@ def test_ray_local_scores_a_folder_like_the_inprocess_path(tmp_path, scorer, loc
     assert len({s["pid"] for s in stats}) == 2 and sum(s["volumes"] for s in stats) == 5
     # Backbones are loaded once per worker, not once per volume.
     assert all(s["networks_loaded"] == 1 for s in stats if s["volumes"])
+    # Each worker loaded every volume after its first while it scored the one before.
+    assert sum(s["loaded_ahead"] for s in stats) == 5 - sum(1 for s in stats if s["volumes"])
 
     # The server's scoring method with the Ray engine stores the same records in the datastore.
     ds_dir = tmp_path / "datastore"
