@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -23,16 +24,17 @@ def largest_component_backend(device) -> str:
     _, has_cupy = optional_import("cupy")
     if has_cucim and has_cupy:
         return "cucim"
-    if not _warned_no_cucim:
-        _warned_no_cucim.append(True)
-        logger.warning(
-            "largest connected component on the CPU (cuCIM not installed): probabilities go to the host "
-            "for it; install requirements-gpu.txt to keep it on the GPU"
-        )
+    _warn_host_path()
     return "scikit-image"
 
 
-_warned_no_cucim: list = []
+@functools.lru_cache(maxsize=None)
+def _warn_host_path() -> None:
+    """Said once per process."""
+    logger.warning(
+        "largest connected component on the CPU (cuCIM not installed): the organ masks go to the host "
+        "for it; install requirements-gpu.txt to keep it on the GPU"
+    )
 
 
 def organ_masks(probs: torch.Tensor, threshold: float = 0.5, largest_component: bool = True) -> torch.Tensor:

@@ -43,7 +43,7 @@ def without_cucim(monkeypatch):
     """As on an install without the GPU extras: ``import cucim`` fails."""
     for name in ("cucim", "cucim.skimage", "cupy"):
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setattr(labels, "_warned_no_cucim", [])
+    labels._warn_host_path.cache_clear()
 
 
 def test_without_cucim_the_host_path_is_taken_cleanly_and_keeps_the_largest_component(without_cucim, caplog):
