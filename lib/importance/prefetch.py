@@ -85,8 +85,9 @@ class Ahead:
         return self.load_one(path)
 
     def close(self) -> None:
+        """Drop a volume loaded ahead but not taken (a run stopped); a load under way finishes on its own."""
         self._next = None
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 Job = Tuple[str, str]  # (image id, image file)
