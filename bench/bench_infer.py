@@ -2,7 +2,7 @@
 
 For each backbone (unet, swinunetr, segresnet) and the ``ensemble`` task (mean of all three), at the
 "recipe" preset (overlap 0.75, sw_batch_size 1, fp32) and the "fast" preset (overlap 0.5,
-sw_batch_size 4, bf16), on two inputs:
+sw_batch_size 16, bf16), on two inputs:
 
   ct   the shared real CT, ../shared/data/totalseg-example/ct.nii.gz (122x101x30 at 3 mm)
   big  a 256x256x400 synthetic abdominal CT at 0.8 x 0.8 x 1.0 mm (``lib.data.phantoms.make_phantom``

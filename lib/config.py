@@ -133,11 +133,12 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
             overlap=_number(conf, "overlap", float, None),
             sw_batch_size=_number(conf, "sw_batch_size", int, None),
             amp=conf.get("amp") or None,
+            tf32=_bool(conf, "tf32", None),  # None: torch's default, as the reference ran
         )
     except ValueError as e:
         if isinstance(e, ConfError):
             raise
-        raise ConfError(f"--conf overlap/sw_batch_size/amp: {e}") from None
+        raise ConfError(f"--conf overlap/sw_batch_size/amp/tf32: {e}") from None
     entropy = str(conf.get("entropy", "positive"))
     if entropy not in ("positive", "binary"):
         raise ConfError(f"--conf entropy {entropy!r}: choose one of positive, binary")

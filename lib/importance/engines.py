@@ -3,10 +3,10 @@
 Both engines run the same per-volume step, ``score_one`` (pre-process, every backbone, attention,
 record), and hand each record to the caller's ``on_result`` as soon as it is made, so the caller
 (the server's scoring method or the offline ranking) stores it at once: a crash loses only the
-volumes in flight.
+volumes in flight. Both load the next volume while the current one is scored (``lib.importance.prefetch``).
 
 ``RayEngine``: one Ray actor per worker, each holding one GPU (or ``cpus_per_worker`` CPUs) and the
-backbones loaded once; each worker has one volume at a time, and gets the next as it finishes. A
+backbones loaded once; each worker scores one volume at a time, loading the one it gets next. A
 worker that dies (killed, preempted, out of memory) is restarted and its volume retried
 ``retries`` times; after that the volume is reported as lost (no record is written, so a re-run scores
 it). ``ray.init()`` starts a local Ray on this machine unless ``address`` names a cluster to join
@@ -20,12 +20,11 @@ import logging
 import os
 import sys
 import time
-from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from lib.importance.failures import describe_error
-from lib.files import file_stamp
-from lib.stopping import reinstall_stop_handlers, stop_requested
+from lib.importance.prefetch import Ahead, Feed, load, score_in_order, score_loaded
+from lib.stopping import reinstall_stop_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -39,38 +38,27 @@ StillWanted = Optional[Callable[[str], bool]]  # asked just before a volume is s
 
 def score_one(scorer, path: str) -> Dict:
     """Score one volume; a study that cannot be scored gives a record with its error instead."""
-    stamp = file_stamp(path)  # before reading: a file replaced meanwhile is scored again next time
-    try:
-        record, _ = scorer.score_file(path)
-    except Exception as e:  # one bad study must not stop a run
-        record = {"error": describe_error(e)[:500], "models": scorer.versions()}
-    record["file"] = stamp
-    return record
+    return score_loaded(scorer, load(scorer, path))
 
 
 class InProcessEngine:
-    """Scores the volumes one after the other in this process."""
+    """Scores the volumes one after the other in this process, the next one loaded meanwhile
+    (``lib.importance.prefetch``; ``prefetch=False``: one at a time)."""
 
     name = "inprocess"
 
-    def __init__(self, scorer):
+    def __init__(self, scorer, prefetch: bool = True):
         self.scorer = scorer
+        self.prefetch = prefetch
 
     def run(self, jobs: Sequence[Job], on_result: OnResult, still_wanted: StillWanted = None) -> Dict:
-        dropped, not_started = [], []
-        for k, (image_id, path) in enumerate(jobs):
-            if stop_requested():  # the process is stopping: the next run scores the rest
-                not_started = [i for i, _ in jobs[k:]]
-                break
-            if still_wanted is not None and not still_wanted(image_id):
-                dropped.append(image_id)
-                continue
-            on_result(image_id, score_one(self.scorer, path))
-        return {"engine": self.name, "workers": 1, "lost": [], "not_started": not_started, "dropped": dropped}
+        feed = score_in_order(self.scorer, jobs, on_result, still_wanted, prefetch=self.prefetch)
+        return {"engine": self.name, "workers": 1, "lost": [], "not_started": feed.left(), "dropped": feed.dropped}
 
 
 class ScoringWorker:
-    """A Ray actor: builds the scorer once (backbones loaded on first use, then kept) and scores volumes."""
+    """A Ray actor: builds the scorer once (backbones loaded on first use, then kept) and scores volumes,
+    loading the next one it is told of (``next_path``) while it scores the current one."""
 
     def __init__(self, spec, threads: int = 0):
         import torch
@@ -80,14 +68,18 @@ class ScoringWorker:
         # Ray hides the GPUs an actor did not ask for (CUDA_VISIBLE_DEVICES), so this is its own GPU or none.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.scorer = spec.build(self.device)
+        self.ahead = Ahead(lambda path: load(self.scorer, path))
         self.volumes = 0
         self.started = time.time()
 
     def where(self) -> Dict:
         return {"pid": os.getpid(), "node": os.uname().nodename, "device": self.device}
 
-    def score(self, path: str) -> Dict:
-        record = score_one(self.scorer, path)
+    def score(self, path: str, next_path: Optional[str] = None) -> Dict:
+        loaded = self.ahead.take(path)
+        if next_path:
+            self.ahead.start(next_path)
+        record = score_loaded(self.scorer, loaded)
         self.volumes += 1
         return record
 
@@ -98,6 +90,7 @@ class ScoringWorker:
             "device": self.device,
             "volumes": self.volumes,
             "networks_loaded": self.scorer.cache.loads,
+            "loaded_ahead": self.ahead.hits,
             "seconds": round(time.time() - self.started, 1),
         }
 
@@ -185,20 +178,16 @@ class RayEngine:
             f"Ray: {len(jobs)} volumes on {n} workers ({gpus} GPU, {self.cpus_per_worker} CPU each): "
             + ", ".join(f"{w['node']}:{w['pid']} {w['device']}" for w in self.worker_info)
         )
-        queue = deque(jobs)
+        feed = Feed(jobs, still_wanted)
+        queue, dropped = feed.queue, feed.dropped
         pending: Dict = {}
         alive = set(range(n))
         lost: List[str] = []
-        dropped: List[str] = []
 
         def submit(i: int):
-            while queue and not stop_requested():  # stopping: the next run scores the rest
-                image_id, path = queue.popleft()
-                if still_wanted is not None and not still_wanted(image_id):
-                    dropped.append(image_id)
-                    continue
-                pending[self.actors[i].score.remote(path)] = (i, image_id)
-                return
+            job, following = feed.next_for(i)  # nothing once the process is stopping
+            if job is not None:
+                pending[self.actors[i].score.remote(job[1], following)] = (i, job[0])
 
         for i in range(n):
             submit(i)
@@ -213,6 +202,7 @@ class RayEngine:
                 logger.error(f"Ray worker {i} lost {image_id}: {describe_error(e).splitlines()[0][:300]}")
                 if self.retries == 0:
                     alive.discard(i)  # not restartable
+                    feed.give_back(i)
                     if not alive:
                         logger.error(f"no Ray worker left; {len(queue)} volumes not started")
                     continue
@@ -233,7 +223,7 @@ class RayEngine:
             "engine": self.name,
             "workers": n,
             "lost": lost,
-            "not_started": [image_id for image_id, _ in queue],
+            "not_started": feed.left(),
             "dropped": dropped,
             "worker_stats": stats,
         }

@@ -144,7 +144,10 @@ def build_scorer(args):
     )
     for b in models:
         registry.resolve(b)
-    recipe = PRESETS[args.preset].with_overrides(overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp)
+    tf32 = {"true": True, "false": False}.get(args.tf32)
+    recipe = PRESETS[args.preset].with_overrides(
+        overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, tf32=tf32
+    )
     scorer = VolumeScorer(
         models,
         registry,
@@ -174,6 +177,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=None)
     p.add_argument("--sw-batch-size", type=int, default=None)
     p.add_argument("--amp", default=None, choices=AMP_MODES)
+    p.add_argument("--tf32", default=None, choices=("true", "false"), help="TF32 on a GPU (default: torch's)")
     p.add_argument("--entropy", default="positive", choices=("positive", "binary"))
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None,

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from monai.transforms import Compose
 
-from lib.networks.inference import BackboneSet, NetworkCache
+from lib.networks.inference import BackboneSet, NetworkCache, synchronize, timed
 from lib.importance.attention import AttentionResult, compute_attention
 from lib.transforms.labels import organ_masks
 from lib.transforms.cache import open_cache
@@ -118,26 +118,56 @@ class VolumeScorer:
             cache_dir=self.cache_dir,
         )
 
-    def probabilities(self, image) -> torch.Tensor:
-        """(M, C, X, Y, Z) sigmoid probabilities of the active backbones on the working grid."""
-        return torch.stack([probs for _, probs in self.backbones.probabilities(image, self.recipe, self.device)])
+    def probabilities(self, image, stages: Optional[Dict[str, float]] = None) -> torch.Tensor:
+        """(M, C, X, Y, Z) sigmoid probabilities of the active backbones on the working grid, on the device.
 
-    def attention(self, image) -> AttentionResult:
-        probs = self.probabilities(image)
-        masks = organ_masks(probs.mean(0), self.recipe.threshold)
-        return compute_attention(
-            probs, masks, self.labels, entropy=self.entropy, normalise_score=self.normalise_score
-        )
+        ``stages``: a dict that gets each backbone's seconds.
+        """
+        volumes = []
+        start = time.perf_counter()
+        for backbone, probs in self.backbones.probabilities(image, self.recipe, self.device):
+            synchronize(self.device)  # the backbone's GPU work is done: its time is its own
+            if stages is not None:
+                stages[backbone] = round(time.perf_counter() - start, 3)
+            volumes.append(probs)
+            start = time.perf_counter()
+        return torch.stack(volumes)
+
+    def attention(self, image, stages: Optional[Dict[str, float]] = None) -> AttentionResult:
+        """The attention of a pre-processed image; ``stages`` gets the seconds of each backbone, of the
+        organ masks and of the attention maps. Everything stays on the scorer's device."""
+        stages = {} if stages is None else stages
+        probs = self.probabilities(image, stages)
+        with timed(stages, "masks", self.device):
+            masks = organ_masks(probs.mean(0), self.recipe.threshold)
+        with timed(stages, "attention", self.device):
+            result = compute_attention(
+                probs, masks, self.labels, entropy=self.entropy, normalise_score=self.normalise_score
+            )
+        return result
 
     def score_file(self, path: str) -> Tuple[Dict, AttentionResult]:
         """Score one image file; returns the record stored per image, and the full result."""
-        start = time.time()
-        versions = self.versions()
+        start = time.perf_counter()
         image = self.preprocess(path)
-        result = self.attention(image)
-        return self.record(result, versions, time.time() - start), result
+        return self.score_image(image, time.perf_counter() - start)
 
-    def record(self, result: AttentionResult, versions: Dict[str, str], seconds: float) -> Dict:
+    def score_image(self, image, pre_seconds: float = 0.0) -> Tuple[Dict, AttentionResult]:
+        """Score a pre-processed image (``preprocess``; it took ``pre_seconds``): the record and the result.
+
+        The record's ``stages`` are the seconds of pre-processing, each backbone, the organ masks and the
+        attention; ``seconds`` is the volume's whole time (its pre-processing may have run meanwhile on
+        another thread, while the previous volume was scored).
+        """
+        start = time.perf_counter()
+        versions = self.versions()
+        stages = {"pre": round(pre_seconds, 3)}
+        result = self.attention(image, stages)
+        return self.record(result, versions, pre_seconds + time.perf_counter() - start, stages), result
+
+    def record(
+        self, result: AttentionResult, versions: Dict[str, str], seconds: float, stages: Optional[Dict] = None
+    ) -> Dict:
         voxel_ml = math.prod(self.recipe.spacing) / 1000.0
         return {
             "score": float(result.score) if result.normalised else int(result.score),
@@ -149,6 +179,7 @@ class VolumeScorer:
             "models": versions,
             "entropy": result.entropy,
             "normalised": result.normalised,
-            "seconds": round(seconds, 2),
+            "seconds": round(seconds, 3),
+            "stages": dict(stages or {}),
             "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

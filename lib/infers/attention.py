@@ -47,7 +47,7 @@ class AttentionInfer(RecipeInferTask):
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
         image = data["image"]
         versions = self.scorer.versions()
-        result = self.scorer.attention(image)
+        result = self.scorer.attention(image, data.setdefault("stage_seconds", {}))
         label = attention_labels(result, data.get("organ") or None)[None].to(torch.uint8)
         data["pred"] = MetaTensor(label, affine=image.affine, meta=dict(image.meta))
         record = self.scorer.record(result, versions, 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Dict, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib.classes import CLASS_INDEX
-from lib.networks.inference import BackboneSet, NetworkCache
+from lib.networks.inference import BackboneSet, NetworkCache, synchronize, timed
 from lib.transforms import ProbsToLabeld, Recipe, ResampleToInputd, inference_pre_transforms
 from lib.weights import WeightsRegistry
 
@@ -19,19 +20,36 @@ logger = logging.getLogger(__name__)
 
 
 class RecipeInferTask(BasicInferTask):
-    """An infer task on the SuPreM recipe's working grid whose label map goes back to the input grid."""
+    """An infer task on the SuPreM recipe's working grid whose label map goes back to the input grid.
+
+    Its result has ``stages``: the seconds of pre-processing, each backbone (or the attention's stages),
+    the label map, the resampling to the input grid and the writing, so a user sees where the time goes.
+    Tensors stay on the device they were computed on until the writer.
+    """
 
     recipe: Recipe
+    # The name of each post transform in the result's stages.
+    POST_STAGES = {"ProbsToLabeld": "label_map", "ResampleToInputd": "resample"}
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
         return inference_pre_transforms(self.recipe)
 
     def run_pre_transforms(self, data, transforms):
         # MONAI's Spacingd updates every "image_*" key as a meta dict; "image_path" is a string.
+        start = time.perf_counter()
         path = data.pop("image_path", None)
         data = super().run_pre_transforms(data, transforms)
         if path is not None:
             data["image_path"] = path
+        data["stage_seconds"] = {"pre": round(time.perf_counter() - start, 3)}
+        return data
+
+    def run_post_transforms(self, data, transforms):
+        stages = data.setdefault("stage_seconds", {})
+        for t in transforms:
+            name = self.POST_STAGES.get(type(t).__name__, type(t).__name__)
+            with timed(stages, name, data.get("device") or "cpu"):
+                data = super().run_post_transforms(data, [t])
         return data
 
     def inverse_transforms(self, data=None):
@@ -39,8 +57,11 @@ class RecipeInferTask(BasicInferTask):
 
     def writer(self, data: Dict[str, Any], extension=None, dtype=None):
         ext = data.get("result_extension") or ".nii.gz"
-        out, result = super().writer(data, extension=ext, dtype="uint8")
-        return out, dict(result or {})
+        start = time.perf_counter()
+        out, result = super().writer(data, extension=ext, dtype="uint8")  # the label map goes to the host here
+        result = dict(result or {})
+        result["stages"] = {**data.get("stage_seconds", {}), "write": round(time.perf_counter() - start, 3)}
+        return out, result
 
 
 class SuPreMSegmentation(RecipeInferTask):
@@ -117,9 +138,14 @@ class SuPreMSegmentation(RecipeInferTask):
         """Mean sigmoid probability (C, X, Y, Z) over the loaded backbones, on the working grid."""
         recipe = self.request_recipe(data)
         total, used = None, []  # a running sum: one probability volume in memory besides the current one
+        stages = data.setdefault("stage_seconds", {})
+        start = time.perf_counter()
         for backbone, probs in self.backbones.probabilities(image, recipe, torch.device(device)):
             total = probs if total is None else total + probs
+            synchronize(device)  # the backbone's GPU work is done: its time is its own
+            stages[backbone] = round(time.perf_counter() - start, 3)
             used.append(backbone)
+            start = time.perf_counter()
         data["backbones_used"] = used
         mean = total / len(used)
         return MetaTensor(mean, affine=image.affine, meta=dict(image.meta)) if isinstance(image, MetaTensor) else mean

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -76,6 +77,37 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def set_tf32(enabled: Optional[bool]) -> None:
+    """TF32 for float32 convolutions and matrix products on the GPU: True, False, or None (torch's default,
+    left as it is). Process-wide, as torch's switches are."""
+    if enabled is None:
+        return
+    precision = "tf32" if enabled else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
+    else:  # torch before the fp32_precision switches
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs ahead of Python), so a stage's time is its own."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def timed(stages: Dict[str, float], name: str, device) -> Iterator[None]:
+    """Add the seconds of the ``with`` block, its GPU work included, to ``stages[name]``."""
+    start = time.perf_counter()
+    yield
+    synchronize(device)
+    stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
 def sliding_window_probs(
     net: torch.nn.Module,
     image: torch.Tensor,
@@ -97,6 +129,7 @@ def sliding_window_probs(
         sw_device=device,
         device=out_device or device,
     )
+    set_tf32(recipe.tf32)
     x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     x = x[None].to(device=device, dtype=torch.float32)
     model = _Channels(net, channels)

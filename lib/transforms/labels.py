@@ -2,27 +2,57 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import KeepLargestConnectedComponent, MapTransform, SpatialResample
+from monai.utils import optional_import
+
+logger = logging.getLogger(__name__)
+
+
+def largest_component_backend(device) -> str:
+    """Where MONAI's ``KeepLargestConnectedComponent`` labels components for a tensor on ``device``:
+    "cucim" (on the GPU: cuCIM and CuPy installed, tensor on CUDA) or "scikit-image" (on the host)."""
+    if torch.device(device).type != "cuda":
+        return "scikit-image"
+    _, has_cucim = optional_import("cucim.skimage")
+    _, has_cupy = optional_import("cupy")
+    if has_cucim and has_cupy:
+        return "cucim"
+    _warn_host_path()
+    return "scikit-image"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_host_path() -> None:
+    """Said once per process."""
+    logger.warning(
+        "largest connected component on the CPU (cuCIM not installed): the organ masks go to the host "
+        "for it; install requirements-gpu.txt to keep it on the GPU"
+    )
 
 
 def organ_masks(probs: torch.Tensor, threshold: float = 0.5, largest_component: bool = True) -> torch.Tensor:
     """Binary organ masks from probabilities (C, X, Y, Z): threshold, then largest 26-connected component.
 
-    Returns a bool tensor of the same shape, on the same device.
+    Returns a bool tensor of the same shape, on the same device. On a GPU the components are labelled
+    there when cuCIM is installed (MONAI dispatches to it), else on the host (``largest_component_backend``).
     """
     masks = probs >= threshold
     if largest_component and masks.any():
+        largest_component_backend(masks.device)  # says once when a GPU tensor has to take the host path
         # Every channel is an organ (no background channel), so name them all: by default MONAI's
-        # one-hot mode leaves channel 0 alone as if it were background.
+        # one-hot mode leaves channel 0 alone as if it were background. The bool masks are edited in
+        # place (no float copy of the C volumes).
         keep = KeepLargestConnectedComponent(
             applied_labels=list(range(masks.shape[0])), is_onehot=True, independent=True, connectivity=3
         )
-        masks = torch.as_tensor(keep(masks.float())).bool()
+        masks = torch.as_tensor(keep(masks)).bool()
     return masks.to(probs.device)
 
 

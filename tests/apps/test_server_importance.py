@@ -77,6 +77,10 @@ def test_scoring_stores_score_organs_and_model_versions_and_survives_a_broken_st
         assert set(rec["models"]) == {"segresnet"} and len(rec["models"]["segresnet"]) == 12
         assert set(rec["organs"]) <= set(rec["priority"]) and len(rec["priority"]) == 25
         assert all(v > 0 for v in rec["attention_ml"].values())
+        # Where the time went (stored with the record; the server's scoring loads each volume ahead).
+        assert list(rec["stages"]) == ["pre", "segresnet", "masks", "attention"], rec["stages"]
+        assert all(v >= 0 for v in rec["stages"].values())
+        assert sum(rec["stages"].values()) == pytest.approx(rec["seconds"], rel=0.1, abs=0.05)
     again = _post(srv.url + "/scoring/importance?run_sync=true")
     # Current scores (and the error of an unchanged broken file) are not recomputed.
     assert again["scored"] == 0 and again["failed"] == 0 and again["skipped"] == 5, again
@@ -132,6 +136,10 @@ def test_attention_infer_returns_the_map_on_the_input_grid(env, tmp_path):
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1, 2, 3}
     assert params["label_names"] == {"uncertain": 1, "inconsistent": 2, "overlap": 3}
     assert isinstance(params["score"], int) and params["organs"] == _records(client)["ph_a"]["organs"]
+    stages = params["stages"]
+    assert list(stages) == ["pre", "segresnet", "masks", "attention", "resample", "write"], stages
+    assert all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) == pytest.approx(params["latencies"]["total"], rel=0.15, abs=0.1)
 
 
 def test_a_new_model_makes_old_scores_stale_and_they_are_recomputed(env):

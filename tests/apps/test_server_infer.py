@@ -91,6 +91,10 @@ def test_infer_nifti_returns_label_on_input_grid_with_allowed_values(client, ser
     values = _check_label_matches(label_file, os.path.join(TOTALSEG, "ct.nii.gz"), range(1, 26))
     assert len(values) > 1, "synthetic weights still label something"
     assert params["label_names"]["liver"] == 6
+    stages = params["stages"]  # where the time went
+    assert list(stages) == ["pre", "segresnet", "label_map", "resample", "write"], stages
+    assert all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) == pytest.approx(params["latencies"]["total"], rel=0.15, abs=0.1)
 
 
 def test_infer_nrrd_input_returns_label_on_the_nrrd_grid(client, tmp_path):

@@ -83,6 +83,8 @@ def test_ray_local_scores_a_folder_like_the_inprocess_path(tmp_path, scorer, loc
     assert len({s["pid"] for s in stats}) == 2 and sum(s["volumes"] for s in stats) == 5
     # Backbones are loaded once per worker, not once per volume.
     assert all(s["networks_loaded"] == 1 for s in stats if s["volumes"])
+    # Each worker loaded every volume after its first while it scored the one before.
+    assert sum(s["loaded_ahead"] for s in stats) == 5 - sum(1 for s in stats if s["volumes"])
 
     # The server's scoring method with the Ray engine stores the same records in the datastore.
     ds_dir = tmp_path / "datastore"
@@ -160,7 +162,7 @@ def test_an_image_labelled_during_a_run_is_not_scored(tmp_path, scorer, engine, 
     server = LocalDatastore(studies, extensions=("*.nii.gz",), auto_reload=False)  # the server's
     label = tmp_path / "v2_label.nii.gz"
     shutil.copyfile(os.path.join(studies, "v2.nii.gz"), label)
-    real = scorer.score_file
+    real = scorer.score_image
     if engine == "ray":
         request.getfixturevalue("local_ray")
         # Saved after the round listed its pool (its view still has v2 unlabelled), before v2 started.
@@ -168,18 +170,18 @@ def test_an_image_labelled_during_a_run_is_not_scored(tmp_path, scorer, engine, 
         assert "v2" in ds.get_unlabeled_images()
         scoring = ImportanceScoring(scorer, engine=RayEngine(scorer, workers=1), recheck_s=0)
     else:
-        def score_then_annotator_saves(path):  # saved while the first volume is being scored
-            out = real(path)
+        def score_then_annotator_saves(image, pre_seconds):  # saved while the first volume is being scored
+            out = real(image, pre_seconds)
             if not server.get_labeled_images():
                 server.save_label("v2", str(label), "final", {})
             return out
 
-        scorer.score_file = score_then_annotator_saves
+        scorer.score_image = score_then_annotator_saves
         scoring = ImportanceScoring(scorer, recheck_s=0)
     try:
         run = scoring({}, ds)
     finally:
-        scorer.score_file = real
+        scorer.score_image = real
     assert run["scored"] == 2 and run["labelled_meanwhile"] == 1, run
     assert INFO_KEY not in ds.get_image_info("v2")
     assert all(INFO_KEY in ds.get_image_info(i) for i in ("v0", "v1"))

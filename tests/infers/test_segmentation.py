@@ -54,6 +54,15 @@ def test_ensemble_probabilities_are_the_mean_of_the_backbones(tasks, tmp_path):
     assert not torch.allclose(torch.as_tensor(p_unet), torch.as_tensor(p_seg)), "two different models"
 
 
+def test_the_ensemble_result_says_where_the_time_went(tasks, tmp_path):
+    label_file, result = tasks.infers["ensemble"]({"image": _small_ct(tmp_path), "device": "cpu"})
+    os.remove(label_file)
+    stages = result["stages"]
+    assert list(stages) == ["pre", "unet", "segresnet", "label_map", "resample", "write"], stages
+    assert all(v >= 0 for v in stages.values()) and stages["unet"] > 0 and stages["segresnet"] > 0
+    assert sum(stages.values()) == pytest.approx(result["latencies"]["total"], rel=0.15, abs=0.1)
+
+
 def test_most_probable_organ_wins_where_masks_overlap():
     probs = torch.zeros(3, 8, 8, 8)
     probs[0, 2:6, 2:6, 2:6] = 0.7

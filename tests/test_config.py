@@ -1,0 +1,50 @@
+"""``--conf tf32``: parsed into the recipe, applied by the sliding window; absent leaves torch's default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib.config import ConfError, parse_conf
+from lib.networks.inference import set_tf32, sliding_window_probs
+from lib.transforms.recipe import PRESETS
+
+
+def _precisions():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def restore_precisions():
+    before = _precisions()
+    yield
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+    else:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_tf32_conf_goes_into_the_recipe_and_is_checked():
+    assert parse_conf({}).recipe.tf32 is None
+    assert parse_conf({"tf32": "false"}).recipe.tf32 is False
+    assert parse_conf({"tf32": "true", "preset": "fast"}).recipe.tf32 is True
+    assert parse_conf({"preset": "fast"}).recipe.sw_batch_size == 16
+    with pytest.raises(ConfError, match="tf32"):
+        parse_conf({"tf32": "sometimes"})
+
+
+def test_the_sliding_window_applies_the_recipes_tf32_and_none_leaves_torchs_default(restore_precisions):
+    default = _precisions()
+    net = torch.nn.Conv3d(1, 2, 1)
+    image = torch.rand(1, 8, 8, 8)
+    recipe = PRESETS["recipe"].with_overrides(roi=(8, 8, 8))
+    sliding_window_probs(net, image, recipe, torch.device("cpu"))
+    assert _precisions() == default
+    sliding_window_probs(net, image, recipe.with_overrides(tf32=False), torch.device("cpu"))
+    assert _precisions() in (("ieee", "ieee"), (False, False))
+    set_tf32(True)
+    assert _precisions() in (("tf32", "tf32"), (True, True))
