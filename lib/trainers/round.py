@@ -36,7 +36,9 @@ def run_round(entry: Dict, trainers: Dict, scoring, datastore: Datastore, organs
         logger.info(f"round {n}: training {backbone}")
         res = trainer({"name": f"round_{n:03d}", "round": n, "source": f"fine-tuned (round {n})"}, datastore)
         metrics = (res.get("eval") or {}).get("metrics") or {}
-        dice[backbone] = per_organ(metrics.get("val_dice_per_organ"), organs)
+        val_with = res.get("val_revised_images") or {}
+        # An organ revised in no validation image has no Dice (MONAI reports 0 for a channel it never saw).
+        dice[backbone] = {o: (v if val_with.get(o, 1) else None) for o, v in per_organ(metrics.get("val_dice_per_organ"), organs).items()}
         key = (res.get("eval") or res.get("train") or {}).get("best_metric", res.get("best_metric"))
         mean[backbone] = round(float(key), 4) if key is not None else None
         published[backbone] = {"file": res["published"], "version": file_version(res["published"])}

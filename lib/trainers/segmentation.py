@@ -36,7 +36,9 @@ class MaskedChannelLoss(torch.nn.Module):
     labels are the model's own), as a weighted mean over samples and channels.
 
     ``revised`` (B, C) is set for each batch by ``masked_iteration``; without it (or with every organ
-    revised) the value is MONAI's ``DiceCELoss(sigmoid=True)`` over the channels, as before.
+    revised) the value is MONAI's sigmoid ``DiceLoss`` plus BCE with logits, each averaged over samples
+    and channels. (MONAI's ``DiceCELoss``, used before, silently takes softmax cross-entropy whenever
+    there is more than one channel, which does not fit independent organ channels.)
     """
 
     def __init__(self, channels: Sequence[int], pseudo_weight: float = 0.0):
