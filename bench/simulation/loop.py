@@ -78,7 +78,7 @@ class Model:
         self.trainer = SuPreMTrainer(
             BACKBONE, self.registry, self.labels, self.recipe, model_dir=model_dir, split_file=split_file,
             roi=cfg.train_roi, max_epochs=1, num_samples=cfg.num_samples, lr=lr or cfg.lr, val_fraction=0.0,
-            publish_to=publish_to, amp="none",
+            publish_to=publish_to, amp="none", pseudo_weight=cfg.pseudo_weight,
         )
         self.scorer = VolumeScorer([BACKBONE], self.registry, self.labels, self.recipe, self.cache, device=DEVICE,
                                    entropy=entropy)
