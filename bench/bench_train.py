@@ -4,7 +4,7 @@ Part 1, training iterations. For each backbone (segresnet, unet, swinunetr) a pl
 what one iteration of the train task does (MONAI's ``SupervisedTrainer._iteration`` as driven by
 ``lib.trainers.segmentation.SuPreMTrainer``): ``zero_grad`` (set_to_none=False, MONAI's default),
 forward of a batch of 2 random 96^3 crops (what ``num_samples=2`` with batch size 1 gives), the
-trainer's own loss (``SuPreMTrainer.loss_function``: ``ChannelLoss(DiceCELoss(sigmoid=True), channels)``
+trainer's own loss (``SuPreMTrainer.loss_function``: ``MaskedChannelLoss(channels)``, sigmoid Dice + BCE per channel
 on the 25 atlas25 channels of the 32 outputs) ``.mean()``, backward, and the trainer's own optimizer
 (``SuPreMTrainer.optimizer``: AdamW lr 1e-4, weight decay 1e-5) step. Network, loss and optimizer
 come from lib; nothing is re-implemented. Inputs are uniform 0..1 intensities and a sparse random

@@ -13,7 +13,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.classes import label_dict
 from lib.config import AppConfig, conf_summary, parse_conf
-from lib.datastore import labeled_images_now
+from lib.datastore import labeled_images_now, revision_progress
 from lib.infers.attention import AttentionInfer
 from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
@@ -45,10 +45,12 @@ class Tasks:
     scoring: Dict = field(default_factory=dict)
     state_dir: str = ""
     rounds: Optional[RoundManager] = None
+    datastore: Optional[Callable[[], Any]] = None
 
     def start_rounds(self, datastore: Callable[[], Any]) -> RoundManager:
         """Create the round manager (log in the state folder) and the ``round`` train task."""
         backbone_trainers = {b: t for b, t in self.trainers.items() if b in self.cfg.models}
+        self.datastore = datastore
 
         def one_round(entry):
             return run_round(
@@ -88,6 +90,8 @@ class Tasks:
         info = {"conf": conf_summary(self.cfg), "weights": self.registry.summary()}
         if self.rounds is not None:
             info["rounds"] = self.rounds.info()
+        if self.datastore is not None:
+            info["revision"] = revision_progress(self.datastore(), self.cfg.labels)
         return {"suprem": info}
 
 
@@ -147,6 +151,7 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
                 amp=cfg.train_amp,
                 cache_dir=cache_dir,
                 gpus=cfg.train_gpus,
+                pseudo_weight=cfg.pseudo_weight,
             )
     if not cfg.skip_scoring:
         ray_options = (
@@ -157,7 +162,11 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
         tasks.scoring["importance"] = ImportanceScoring(scorer, engine=make_engine(scorer, cfg.scoring_engine, **ray_options))
     if not cfg.skip_strategies:
         tasks.strategies.update(
-            {"importance": ImportanceStrategy(hold_s=cfg.hold_s), "random": Random(), "first": First()}
+            {
+                "importance": ImportanceStrategy(hold_s=cfg.hold_s, organs_per_sample=cfg.organs_per_sample),
+                "random": Random(),
+                "first": First(),
+            }
         )
     for b in cfg.models:
         logger.info(f"Model {b}: {registry.info(b)}")

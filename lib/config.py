@@ -80,6 +80,8 @@ class AppConfig:
     ray_workers: int = 0
     ray_gpus_per_worker: Optional[float] = None
     train_gpus: str = "all"
+    pseudo_weight: float = 0.0
+    organs_per_sample: int = 0
 
 
 def _label_map(value: Optional[str]) -> Optional[Dict[int, int]]:
@@ -175,6 +177,8 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         ray_workers=_number(conf, "ray_workers", int, 0),
         ray_gpus_per_worker=_number(conf, "ray_gpus_per_worker", float, None),
         train_gpus=str(conf.get("train_gpus", "all")),
+        pseudo_weight=_number(conf, "pseudo_weight", float, 0.0),  # loss weight of organs nobody revised
+        organs_per_sample=_number(conf, "organs_per_sample", int, 0),  # organs Next Sample names (0: all)
     )
 
 
@@ -189,4 +193,6 @@ def conf_summary(cfg: AppConfig) -> Dict:
         "weights_dir": cfg.weights_dir,
         "scoring_engine": cfg.scoring_engine,
         "preprocess_cache": cfg.preprocess_cache,
+        "pseudo_weight": cfg.pseudo_weight,
+        "organs_per_sample": cfg.organs_per_sample,
     }

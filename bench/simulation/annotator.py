@@ -2,7 +2,9 @@
 
 Whole-volume revision: the final label is the ground truth. Organ-level revision: the model's
 prediction, with the listed organs replaced by their ground truth (voxels the model gave to a listed
-organ are cleared, then the organ's true voxels painted); the other organs keep the model's answer.
+organ are cleared, then the organ's true voxels painted); the other organs keep the model's answer,
+and the save names the listed organs as ``revised`` (the app's datastore then keeps organs revised
+earlier and the trainer learns from the revised organs only).
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ class SimulatedAnnotator:
             datastore.save_label(image_id, gt_path, "final", {"revision": "volume"})
             return len(self.labels)
         organs = [o for o in organs if o in CLASS_INDEX]
+        if not organs:  # nothing flagged: nothing to revise (the app refuses an empty list)
+            return 0
         gt_img = nib.load(gt_path)
         gt = np.asarray(gt_img.dataobj)
         pred = self.predict(datastore.get_image_uri(image_id))
         label = organ_revision(pred, gt, organs)
         tmp = os.path.join(self.tmp_dir, f"{image_id}.nii.gz")
         nib.save(nib.Nifti1Image(label, gt_img.affine), tmp)
-        datastore.save_label(image_id, tmp, "final", {"revision": "organ", "organs": list(organs)})
+        # The app's Submit Label params: only these organs were revised; the rest is the model's answer.
+        datastore.save_label(image_id, tmp, "final", {"revision": "organ", "revised": list(organs)})
         os.remove(tmp)
         return len(organs)

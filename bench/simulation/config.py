@@ -57,6 +57,7 @@ class SimConfig:
     iters_per_round: int
     labels: str = "atlas25"
     finetune_lr: Optional[float] = None  # learning rate of the rounds' retraining; None = lr
+    pseudo_weight: float = 0.0  # loss weight of organs not revised in a label (the app's --conf pseudo_weight)
     sites: Tuple[str, ...] = ("A", "B", "C", "D")
     starter_seed: int = 9000
 

@@ -25,6 +25,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.networks import validate_checkpoint
 from lib.classes import CLASS_INDEX, LABEL_SETS
+from lib.datastore import CheckedLocalDatastore
 from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
 from lib.importance.records import INFO_KEY
@@ -78,7 +79,7 @@ class Model:
             BACKBONE, self.registry, self.labels, self.recipe, model_dir=model_dir, split_file=split_file,
             max_epochs=1,  # crops of the recipe's window (the product's default)
             num_samples=cfg.num_samples, lr=lr or cfg.lr, val_fraction=0.0,
-            publish_to=publish_to, amp="none",
+            publish_to=publish_to, amp="none", pseudo_weight=cfg.pseudo_weight,
         )
         self.scorer = VolumeScorer([BACKBONE], self.registry, self.labels, self.recipe, self.cache, device=DEVICE,
                                    entropy=entropy)
@@ -176,7 +177,10 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     os.makedirs(studies_dir)
     for s in ctx.pool:
         shutil.copy2(s.image, os.path.join(studies_dir, os.path.basename(s.image)))
-    ds = LocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False)
+    # The app's datastore: an organ-level save names its revised organs, the label is merged and the
+    # trainer learns only from revised organs (pseudo_weight 0).
+    ds = CheckedLocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False,
+                               allowed_labels=[CLASS_INDEX[o] for o in labels_of(cfg)])
     kind, entropy = STRATEGIES[strategy]
     model = Model(cfg, os.path.join(folder, "model"), ctx.starter, os.path.join(folder, "split.json"),
                   entropy=entropy or "positive", lr=cfg.finetune_lr or cfg.lr)

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import logging
 import os
 import pickle
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 
+from lib.classes import CLASS_INDEX, SUPREM_CLASSES
 from lib.errors import refuse_path_characters
+from lib.files import atomic_open, atomic_path
+from lib.importance.records import INFO_KEY
 from lib.stopping import uninterrupted
+
+from .revisions import ORGANS_KEY, REVISED, RevisionError, merge_label, organ_records, requested_organs, revised_in
+from .revisions import unrevised_in
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +111,8 @@ class CheckedLocalDatastore(LocalDatastore):
     def __init__(self, *args, allowed_labels: Iterable[int] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.allowed_labels = sorted(int(a) for a in allowed_labels)
+        # The organs a Submit Label may name as revised: the label set, in SuPreM order.
+        self.label_names = [SUPREM_CLASSES[i - 1] for i in self.allowed_labels if 0 < i <= len(SUPREM_CLASSES)]
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         if image_id:
@@ -109,29 +120,100 @@ class CheckedLocalDatastore(LocalDatastore):
         return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        """Check, then store. A final label's params may name the organs revised (``{"revised": [...]}``;
+        none named: every organ); the stored label is merged under the file lock so that organs revised
+        by earlier saves keep their voxels (``lib.datastore.revisions``)."""
         refuse_path_characters(image_id, "image id")
         refuse_path_characters(label_tag, "label tag")
         image_path = self.get_image_uri(image_id)
         if not image_path:
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
+        params = dict(label_info or {})
         try:
+            revised_now = requested_organs(params, self.label_names)
             summary = check_label(image_path, label_filename, self.allowed_labels)
-        except LabelError as e:
+        except (LabelError, RevisionError) as e:
             logger.warning(f"label for {image_id!r} refused: {e}")
             raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
-        label_info = dict(label_info or {}, checked=summary)
         _, label_ext = self._to_id(os.path.basename(label_filename))
         label_dir = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, label_ext)
         with self._writing():
             obj = self._datastore.objects.get(image_id)
             if not obj:
                 raise ImageNotFoundException(f"Image {image_id} not found")
-            os.makedirs(label_dir, exist_ok=True)
-            shutil.copy(label_filename, os.path.join(label_dir, self._filename(image_id, label_ext)))
-            label_info.update({"ts": int(time.time()), "name": self._filename(image_id, label_ext)})
+            ts = int(time.time())
+            label_info = dict(params, checked=summary, ts=ts, name=name)
+            dest = os.path.join(label_dir, name)
+            if label_tag == DefaultLabelTag.FINAL:
+                label_info.update(self._revise(obj, image_id, label_filename, dest, revised_now, params, ts))
+            else:
+                with atomic_path(dest) as tmp:
+                    shutil.copyfile(label_filename, tmp)
+            previous = obj.labels.get(label_tag)
             obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
-        logger.info(f"label {label_tag!r} saved for {image_id!r}: {summary}")
+            if previous is not None and previous.info.get("name") not in (None, name):
+                _remove_quietly(os.path.join(label_dir, previous.info["name"]))  # saved before in another format
+        logger.info(f"label {label_tag!r} saved for {image_id!r}: {label_info['checked']}")
         return image_id
+
+    def _revise(self, obj, image_id: str, label_filename: str, dest: str, revised_now, params: Dict, ts: int) -> Dict:
+        """Write the merged final label to ``dest`` (caller holds the lock); return the info it adds:
+        ``organs`` (per organ: revised or pseudo, when, who, on which models) and ``checked``."""
+        names = self.label_names
+        now = list(names) if revised_now is None else list(revised_now)
+        previous = self._stored_organs(obj)
+        before = set(revised_in(previous, names)) if previous is not None else set()
+        keep = [CLASS_INDEX[n] for n in names if n in before and n not in now]
+        client_id = str(params.get("client_id") or params.get("user") or "anonymous")
+        model = ((obj.image.info or {}).get(INFO_KEY) or {}).get("models")
+        organs = organ_records(previous, now, names, ts, client_id, model)
+        if not keep:  # nothing revised before survives this save: the new file is the label
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(label_filename, tmp)
+            return {ORGANS_KEY: organs}
+        stored_name = obj.labels[DefaultLabelTag.FINAL].info.get("name") or os.path.basename(dest)
+        stored, _ = _read(os.path.join(os.path.dirname(dest), stored_name), "stored label")
+        new, _ = _read(label_filename, "label")
+        merged = merge_label(_squeeze(new), _squeeze(stored), keep)
+        _write_like(merged, label_filename, dest)
+        values = [int(v) for v in np.unique(merged) if v]
+        logger.info(f"{image_id}: revised now {now}; kept as revised before {[n for n in names if CLASS_INDEX[n] in keep]}")
+        return {ORGANS_KEY: organs, "checked": {"values": values, "voxels": int(np.count_nonzero(merged))}}
+
+    def _stored_organs(self, obj) -> Optional[Dict[str, Dict]]:
+        """The final label's organ records; None without a final label; every organ revised for a final
+        label saved whole (no records)."""
+        final = obj.labels.get(DefaultLabelTag.FINAL)
+        if final is None:
+            return None
+        organs = (final.info or {}).get(ORGANS_KEY)
+        if organs:
+            return organs
+        who = (final.info or {}).get("client_id")
+        return {n: {"state": REVISED, "ts": (final.info or {}).get("ts"), "client_id": who, "model": None} for n in self.label_names}
+
+    def organs_of(self, image_id: str) -> Optional[Dict[str, Dict]]:
+        """The image's per-organ revision records (in place, do not modify); None without a final label."""
+        obj = self._datastore.objects.get(image_id)
+        return self._stored_organs(obj) if obj else None
+
+    def partly_revised_images(self) -> List[str]:
+        """Images with a final label in which some organ is still a pseudo label."""
+        out = []
+        for image_id, obj in self._datastore.objects.items():
+            final = obj.labels.get(DefaultLabelTag.FINAL)
+            if final is not None and unrevised_in((final.info or {}).get(ORGANS_KEY), self.label_names):
+                out.append(image_id)
+        return out
+
+    def datalist(self, full_path=True) -> List[Dict[str, Any]]:
+        """MONAI Label's image/label pairs, each with ``revised``: the organs revised in that label."""
+        items = super().datalist(full_path)
+        finals = self._datastore.filter_by_tag(DefaultLabelTag.FINAL).values()  # the order MONAI Label used
+        for item, obj in zip(items, finals):
+            item["revised"] = revised_in((obj.labels[DefaultLabelTag.FINAL].info or {}).get(ORGANS_KEY), self.label_names)
+        return items
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         with self._writing():
@@ -204,3 +286,37 @@ class CheckedLocalDatastore(LocalDatastore):
             model = LocalDatastoreModel.model_validate_json(f.read())
         model.base_path = self._datastore_path
         self._datastore, self._config_ts = model, ts
+
+
+def _squeeze(label: np.ndarray) -> np.ndarray:
+    return label[..., 0] if label.ndim == 4 and label.shape[-1] == 1 else label
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _write_like(label: np.ndarray, like: str, dest: str) -> None:
+    """Write ``label`` (X, Y, Z) in the format and geometry of the file ``like``, whole or not at all."""
+    if like.endswith((".nii", ".nii.gz")):
+        img = nib.load(like)
+        dtype = img.get_data_dtype()
+        out = type(img)(label.astype(dtype if np.issubdtype(dtype, np.integer) else np.uint8), img.affine, img.header)
+        out.header.set_slope_inter(1, 0)
+        data = out.to_bytes()
+        with atomic_open(dest, "wb") as f:
+            f.write(gzip.compress(data) if dest.endswith(".gz") else data)
+        return
+    import itk
+
+    ref = itk.imread(like)
+    img = itk.image_from_array(np.ascontiguousarray(label.T.astype(np.uint8)))  # itk is z, y, x
+    img.CopyInformation(ref)
+    with tempfile.TemporaryDirectory() as folder:  # itk picks the writer by the file's extension
+        written = os.path.join(folder, os.path.basename(dest))
+        itk.imwrite(img, written, compression=True)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(written, tmp)

@@ -13,6 +13,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .checked import LabelError, check_label
+from .revisions import RevisionError, requested_organs
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         from monailabel.datastore.utils.convert import binary_to_image
 
+        self._refuse_partial_revision(image_id, label_info)
         image_path = self.get_image_uri(image_id)
         converted = ""
         if label_filename.endswith(".bin") and os.path.isfile(image_path):
@@ -79,6 +81,22 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
             self.forget_cached_lists()
             if converted and os.path.exists(converted):
                 os.unlink(converted)
+
+    def _refuse_partial_revision(self, image_id, params) -> None:
+        """Organ-level revision needs the stored label and its per-organ records, which a PACS does not
+        keep: a Submit Label naming only some organs gets a 422 (unknown names too); none named, or every
+        organ of the label set, is a whole-volume revision, as always."""
+        names = [self.label_names[v] for v in sorted(self.label_names)]
+        try:
+            revised = requested_organs(params or {}, names)
+        except RevisionError as e:
+            raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
+        if revised is not None and len(revised) < len(names):
+            raise HTTPException(
+                status_code=422,
+                detail=f"label for {image_id!r} refused: organ-level revision ('revised': {', '.join(revised)}) is "
+                "not supported on a DICOMweb datastore; save the whole volume (leave 'revised' out)",
+            )
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag != DefaultLabelTag.FINAL or not self._convert_to_nifti or not image_id:

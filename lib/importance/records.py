@@ -38,3 +38,26 @@ def ranking(image_ids: Iterable[str], record_of: Callable[[str], Dict], exclude=
             unscored.append((image_id, record))
     by_score = [(image_id, record) for _, image_id, record in sorted(scored, key=lambda t: t[:2])]
     return by_score, sorted(unscored, key=lambda t: t[0])
+
+
+def remaining(record: Dict, revised: Iterable[str]) -> Dict:
+    """The record of a partly revised image: only its organs not revised yet count.
+
+    ``organs`` keeps the unrevised organs with attention (in priority order); ``score`` sums their terms
+    (``organ_scores``; a record without them splits the score by attention volume); ``revised`` lists
+    the organs already revised. The stored record is not changed.
+    """
+    done = set(revised)
+    out = dict(record)
+    out["organs"] = [o for o in record.get("organs", []) if o not in done]
+    out["revised"] = sorted(done)
+    if not is_scored(record):
+        return out
+    terms = record.get("organ_scores")
+    if terms is None:  # a record made before organ terms were stored: the score shared by attention volume
+        ml = record.get("attention_ml") or {}
+        total = sum(ml.values())
+        terms = {o: float(record["score"]) * v / total for o, v in ml.items()} if total else {}
+    left = sum(float(v) for o, v in terms.items() if o not in done)
+    out["score"] = int(round(left)) if isinstance(record["score"], int) else round(left, 6)
+    return out

@@ -176,6 +176,7 @@ class VolumeScorer:
             "priority": list(result.priority),
             "attention_ml": {o: round(v * voxel_ml, 3) for o, v in result.attention_voxels.items() if v},
             "heat": {o: round(float(h), 3) for o, h in result.heat_sums.items() if h},
+            "organ_scores": {o: round(float(v), 6) for o, v in result.organ_scores.items() if v},  # terms of score
             "models": versions,
             "entropy": result.entropy,
             "normalised": result.normalised,

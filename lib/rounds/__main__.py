@@ -1,8 +1,9 @@
 """Command line for rounds.
 
     python -m lib.rounds history STATE_DIR [--png out.png] [--plotter auto|matplotlib|pil] [--no-png]
-        print the round history as a table; write a PNG of mean validation Dice per round
-        (default: STATE_DIR/rounds_dice.png)
+        print the round history as a table, and the organs revised per round; write PNGs of mean
+        validation Dice per round (default: STATE_DIR/rounds_dice.png) and of the organs revised per
+        round (beside it, rounds_revised.png)
     python -m lib.rounds start [--server http://127.0.0.1:8000]
         ask a running server for a round now, through MONAI Label's train endpoint (task "round")
 """
@@ -20,7 +21,7 @@ ROUND_TASK = "round"
 
 
 def cmd_history(args) -> int:
-    from lib.rounds.history import default_png, format_table, load_entries, plot_dice
+    from lib.rounds.history import default_png, format_revisions, format_table, load_entries, plot_dice, plot_revised
 
     if not os.path.exists(args.state):
         print(f"no round log at {args.state}", file=sys.stderr)
@@ -28,15 +29,21 @@ def cmd_history(args) -> int:
     path, entries = load_entries(args.state)
     print(f"round log: {path}")
     print(format_table(entries))
+    print()
+    print("organs revised per round:")
+    print(format_revisions(entries))
     if args.no_png:
         return 0
     png = args.png or default_png(path)
     try:
         used = plot_dice(entries, png, plotter=args.plotter)
+        revised_png = os.path.join(os.path.dirname(os.path.abspath(png)), "rounds_revised.png")
+        plot_revised(entries, revised_png, plotter=args.plotter)
     except ImportError as e:
         print(f"no PNG written: {e}", file=sys.stderr)
         return 1
     print(f"Dice plot: {png} ({used})")
+    print(f"revisions plot: {revised_png}")
     return 0
 
 

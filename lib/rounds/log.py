@@ -14,6 +14,8 @@ A round entry::
      "dice": {"unet": {"liver": 0.93, ...}}, "mean_dice": {"unet": 0.88},
      "published": {"unet": {"file": ".../unet_finetuned.pth", "version": "ab12cd34ef56"}},
      "rescored": 40, "top": [{"id": "img_07", "score": 0.71}, ...],
+     "revised_images": {"liver": 12, ...},         # per organ: labels trained on with it revised
+     "val_revised_images": {"liver": 3, ...},      # per organ: validation images its Dice is over
      "error": "..."}                               # failed / interrupted only
 """
 

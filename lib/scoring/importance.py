@@ -1,4 +1,4 @@
-"""MONAI Label scoring method ``importance``: score every image that has no final label yet."""
+"""MONAI Label scoring method ``importance``: score every image not fully revised yet."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Dict
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.datastore import info_reader, labeled_images_now
+from lib.datastore import fully_revised_now, info_reader, pool_images
 from lib.files import file_stamp
 from lib.importance.engines import InProcessEngine
 from lib.importance.records import INFO_KEY, is_current
@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 class ImportanceScoring(ScoringMethod):
-    """For each image without a final label: run the backbones, compute the attention, store the result.
+    """For each image without a final label, and each whose final label still has unrevised organs: run
+    the backbones, compute the attention, store the result.
 
     Stored under ``info["importance"]`` of the image in the datastore: score, organs by priority,
     attention volume per organ (mL), and the model files (versions) that produced them. An image
@@ -52,7 +53,7 @@ class ImportanceScoring(ScoringMethod):
             logger.warning("importance scoring: no backbone has weights; nothing scored")
             return {"scored": 0, "skipped": 0, "failed": 0}
         versions = self.scorer.versions()
-        todo = sorted(datastore.get_unlabeled_images())
+        todo = sorted(pool_images(datastore))
         force = str(request.get("force", "false")).lower() == "true"
         n, skipped = len(todo), 0
         counts = {"scored": 0, "failed": 0}
@@ -81,13 +82,13 @@ class ImportanceScoring(ScoringMethod):
                     f"top {record['organs'][:3]} ({record.get('seconds', 0):.1f} s)"
                 )
 
-        # A run takes minutes to hours: images labelled meanwhile (by annotators, while a round
-        # re-scores) leave the pool; the labelled set is re-read at most every recheck_s seconds.
+        # A run takes minutes to hours: images revised whole meanwhile (by annotators, while a round
+        # re-scores) leave the pool; the revised set is re-read at most every recheck_s seconds.
         labelled = {"at": 0.0, "ids": set()}  # read before the first volume, then every recheck_s
 
         def still_wanted(image_id: str) -> bool:
             if time.time() - labelled["at"] >= self.recheck_s:
-                labelled["ids"] = set(labeled_images_now(datastore))
+                labelled["ids"] = fully_revised_now(datastore)
                 labelled["at"] = time.time()
             return image_id not in labelled["ids"]
 

@@ -29,7 +29,7 @@ def per_organ(values, organs: List[str]) -> Dict[str, float]:
 def run_round(entry: Dict, trainers: Dict, scoring, datastore: Datastore, organs: List[str], top_n: int = 5) -> Dict:
     """Retrain each backbone on all final labels, re-score the pool, rank: the fields of the round log."""
     n = entry["round"]
-    dice, mean, published = {}, {}, {}
+    dice, mean, published, revised, val_revised = {}, {}, {}, {}, {}
     for backbone, trainer in trainers.items():
         if not trainer.registry.available(backbone):
             logger.info(f"round {n}: {backbone} has no weights; not trained")
@@ -38,10 +38,14 @@ def run_round(entry: Dict, trainers: Dict, scoring, datastore: Datastore, organs
         logger.info(f"round {n}: training {backbone}")
         res = trainer({"name": f"round_{n:03d}", "round": n, "source": f"fine-tuned (round {n})"}, datastore)
         metrics = (res.get("eval") or {}).get("metrics") or {}
-        dice[backbone] = per_organ(metrics.get("val_dice_per_organ"), organs)
+        val_with = res.get("val_revised_images") or {}
+        # An organ revised in no validation image has no Dice (MONAI reports 0 for a channel it never saw).
+        dice[backbone] = {o: (v if val_with.get(o, 1) else None) for o, v in per_organ(metrics.get("val_dice_per_organ"), organs).items()}
         key = (res.get("eval") or res.get("train") or {}).get("best_metric", res.get("best_metric"))
         mean[backbone] = round(float(key), 4) if key is not None else None
         published[backbone] = {"file": res["published"], "version": file_version(res["published"])}
+        revised = res.get("revised_images") or revised
+        val_revised = res.get("val_revised_images") or val_revised
     check_stop(f"round {n}: pool not re-scored")
     rescored = scoring({}, datastore) if scoring else {}
     scored, _ = ranked_pool(datastore)
@@ -49,6 +53,10 @@ def run_round(entry: Dict, trainers: Dict, scoring, datastore: Datastore, organs
         "dice": dice,
         "mean_dice": mean,
         "published": published,
+        # Per organ: labelled images with it revised (what the round learnt from), and validation images
+        # with it revised (its Dice above is over those only).
+        "revised_images": revised,
+        "val_revised_images": val_revised,
         "rescored": rescored.get("scored", 0),
         "rescore_failed": rescored.get("failed", 0),
         "top": [{"id": i, "score": r["score"], "organs": r.get("organs", [])[:5]} for i, r in scored[:top_n]],

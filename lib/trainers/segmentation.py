@@ -11,7 +11,7 @@ import torch
 from monai.data import partition_dataset
 from monai.handlers import from_engine
 from monai.inferers import SimpleInferer, SlidingWindowInferer
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from monai.transforms import Activationsd, AsDiscreted
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
@@ -28,16 +28,46 @@ from lib.stopping import check_stop
 logger = logging.getLogger(__name__)
 
 
-class ChannelLoss(torch.nn.Module):
-    """Apply ``loss`` to the network output channels of the app's classes only."""
+REVISED_KEY = "revised"  # per sample: 1.0 per organ channel revised in that image, 0.0 per pseudo label
 
-    def __init__(self, loss: torch.nn.Module, channels: Sequence[int]):
+
+class MaskedChannelLoss(torch.nn.Module):
+    """Sigmoid BCE + Dice per channel on the network output channels of the app's classes, each sample's
+    channels weighted: 1 for organs revised in that image, ``pseudo_weight`` for the others (their
+    labels are the model's own), as a weighted mean over samples and channels.
+
+    ``revised`` (B, C) is set for each batch by ``masked_iteration``; without it (or with every organ
+    revised) the value is MONAI's sigmoid ``DiceLoss`` plus BCE with logits, each averaged over samples
+    and channels. (MONAI's ``DiceCELoss``, used before, silently takes softmax cross-entropy whenever
+    there is more than one channel, which does not fit independent organ channels.)
+    """
+
+    def __init__(self, channels: Sequence[int], pseudo_weight: float = 0.0):
         super().__init__()
-        self.loss = loss
         self.channels = list(channels)
+        self.pseudo_weight = float(pseudo_weight)
+        self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, reduction="none")
+        self.revised: Optional[torch.Tensor] = None
 
     def forward(self, logits, target):
-        return self.loss(logits[:, self.channels], target)
+        logits = logits[:, self.channels]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        per_channel = self.dice(logits, target).flatten(1) + bce.flatten(2).mean(2)  # (B, C)
+        if self.revised is None:
+            return per_channel.mean()
+        revised = torch.as_tensor(self.revised).to(per_channel).reshape(per_channel.shape)
+        weight = revised + self.pseudo_weight * (1.0 - revised)
+        return (per_channel * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def masked_iteration(engine, batchdata):
+    """SupervisedTrainer's iteration, with the batch's revised-organ mask handed to the loss first."""
+    revised = batchdata.get(REVISED_KEY) if isinstance(batchdata, dict) else None
+    engine.loss_function.revised = None if revised is None else torch.as_tensor(revised).to(engine.state.device)
+    try:
+        return engine._iteration(engine, batchdata)
+    finally:
+        engine.loss_function.revised = None
 
 
 class SuPreMTrainer(BasicTrainTask):
@@ -68,6 +98,7 @@ class SuPreMTrainer(BasicTrainTask):
         amp: str = "bf16",
         cache_dir: Optional[str] = None,
         gpus: str = "all",
+        pseudo_weight: float = 0.0,
     ):
         self.backbone = backbone
         self.registry = registry
@@ -80,6 +111,8 @@ class SuPreMTrainer(BasicTrainTask):
         self.roi = tuple(int(r) for r in (roi or recipe.roi))
         self.label_map = label_map
         self.val_fraction = val_fraction
+        # Loss weight of organs nobody revised in an image (their labels are pseudo labels); 0: no gradient.
+        self.pseudo_weight = float(pseudo_weight)
         # Pre-processed (resampled) volumes kept on disk across rounds and backbones (None: in memory only).
         self.cache_dir = cache_dir
         self.publish_to = publish_to or registry.published_path(backbone)
@@ -135,10 +168,25 @@ class SuPreMTrainer(BasicTrainTask):
         return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=1e-5)
 
     def loss_function(self, context: Context):
-        return ChannelLoss(DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5), self.channels)
+        return MaskedChannelLoss(self.channels, self.pseudo_weight)
+
+    def train_iteration_update(self, context: Context):
+        return masked_iteration
 
     def lr_scheduler_handler(self, context: Context):
         return None
+
+    def pre_process(self, request, datastore: Datastore):
+        """The datastore's image/label pairs, each with its channel mask (``REVISED_KEY``): the organs
+        revised in that label (every organ where the datastore keeps no organ records)."""
+        datalist = []
+        for item in datastore.datalist():
+            item = dict(item)
+            revised = item.pop(REVISED_KEY, None)
+            revised = set(self.label_names if revised is None else revised)
+            item[REVISED_KEY] = [1.0 if n in revised else 0.0 for n in self.label_names]
+            datalist.append(item)
+        return datalist
 
     def train_pre_transforms(self, context: Context):
         return training_transforms(
@@ -147,17 +195,21 @@ class SuPreMTrainer(BasicTrainTask):
             self._roi(context),
             num_samples=int(context.request.get("num_samples", 2)),
             label_map=self.label_map,
-        )
+        ) + [_ChannelMaskd(REVISED_KEY)]
 
     def train_post_transforms(self, context: Context):
         return [
             _SelectChannelsd(keys="pred", channels=self.channels),
             Activationsd(keys="pred", sigmoid=True),
             AsDiscreted(keys="pred", threshold=0.5),
+            # Dice of an organ only where it was revised: an empty label channel gives MONAI's Dice NaN,
+            # which its means leave out.
+            _ClearUnrevisedd(keys="label", mask_key=REVISED_KEY),
         ]
 
     def val_pre_transforms(self, context: Context):
-        return training_transforms(self.recipe, self.class_indices, self._roi(context), augment=False, label_map=self.label_map)
+        pre = training_transforms(self.recipe, self.class_indices, self._roi(context), augment=False, label_map=self.label_map)
+        return pre + [_ChannelMaskd(REVISED_KEY)]
 
     def val_post_transforms(self, context: Context):
         return self.train_post_transforms(context)
@@ -240,9 +292,19 @@ class SuPreMTrainer(BasicTrainTask):
         result = super().__call__(request, datastore)
         result = dict(result or {})
         check_stop(f"{self.backbone}: not published, the previous model stays")  # a stop cut training short
+        result["revised_images"], result["val_revised_images"] = self._revision_counts(self.pre_process(request, datastore))
         published = self._publish(request, result, n_labels=len(datalist), seconds=time.time() - start)
         result["published"] = published
         return result
+
+    def _revision_counts(self, datalist: List[Dict]):
+        """({organ: labelled images with it revised}, {organ: validation images with it revised})."""
+        _, val = persistent_split(datalist, self.split_file, self.val_fraction)
+
+        def count(items):
+            return {n: int(sum(d[REVISED_KEY][c] for d in items)) for c, n in enumerate(self.label_names)}
+
+        return count(datalist), count(val)
 
     def _best_checkpoint(self, name: str) -> Optional[str]:
         out = os.path.join(self._model_dir, name)
@@ -301,4 +363,33 @@ class _SelectChannelsd:
     def __call__(self, data):
         d = dict(data)
         d[self.keys] = d[self.keys][self.channels]
+        return d
+
+
+class _ChannelMaskd:
+    """The datalist's channel mask (a list) as a float tensor (C,), which batches to (B, C)."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, data):
+        d = dict(data)
+        if self.key in d:
+            d[self.key] = torch.as_tensor(d[self.key], dtype=torch.float32)
+        return d
+
+
+class _ClearUnrevisedd:
+    """Empty the label channels of organs not revised in the image (mask value 0)."""
+
+    def __init__(self, keys: str, mask_key: str):
+        self.keys = keys
+        self.mask_key = mask_key
+
+    def __call__(self, data):
+        d = dict(data)
+        mask = d.get(self.mask_key)
+        if mask is not None:
+            keep = torch.as_tensor(mask).to(d[self.keys].device).reshape(-1, *([1] * (d[self.keys].ndim - 1)))
+            d[self.keys] = d[self.keys] * (keep > 0)
         return d

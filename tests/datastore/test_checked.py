@@ -52,3 +52,21 @@ def test_labeled_images_now_sees_labels_saved_by_another_process(tmp_path):
     assert round_process.get_labeled_images() == [], "a plain read is this process's copy"
     assert labeled_images_now(round_process) == ["im0"]
     assert "checked" in round_process.get_label_info("im0", "final")
+
+
+def test_dicomweb_refuses_partial_revision_before_anything_reaches_the_pacs():
+    import pytest
+    from fastapi import HTTPException
+
+    from lib.classes import LABEL_SETS, label_dict
+    from lib.datastore.dicomweb import CheckedDICOMWebDatastore
+
+    # No PACS here: an instance without a client fails on any PACS call, so a refusal proves none was made.
+    ds = object.__new__(CheckedDICOMWebDatastore).set_labels(label_dict(LABEL_SETS["atlas25"]))
+    for params, words in (({"revised": ["liver"]}, "not supported on a DICOMweb"), ({"revised": ["brain"]}, "brain")):
+        with pytest.raises(HTTPException) as e:
+            ds.save_label("1.2.3", "/nonexistent.nii.gz", "final", params)
+        assert e.value.status_code == 422 and words in e.value.detail
+    with pytest.raises(Exception) as e:  # a whole-volume save goes on to the PACS (and fails here)
+        ds.save_label("1.2.3", "/nonexistent.nii.gz", "final", {"revised": LABEL_SETS["atlas25"]})
+    assert not isinstance(e.value, HTTPException) or e.value.status_code != 422

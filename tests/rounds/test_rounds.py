@@ -431,3 +431,20 @@ def test_start_command_asks_the_server_for_the_round_train_task(monkeypatch, cap
     assert main(["start", "--server", "http://127.0.0.1:8123/"]) == 0
     assert calls == [("http://127.0.0.1:8123", "round", {})]
     assert "job-1" in capsys.readouterr().out
+
+
+def test_history_prints_and_plots_the_organs_revised_per_round(tmp_path, capsys):
+    from lib.files import write_json_atomic
+    from lib.rounds.__main__ import main
+
+    entries = [
+        {"round": 1, "status": "done", "mean_dice": {"unet": 0.4}, "revised_images": {"liver": 2, "pancreas": 0}},
+        {"round": 2, "status": "done", "mean_dice": {"unet": 0.5}, "revised_images": {"liver": 3, "pancreas": 2}},
+    ]
+    write_json_atomic(tmp_path / "rounds.json", entries)
+    png = tmp_path / "dice.png"
+    assert main(["history", str(tmp_path), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(None, 3) for line in out.split("organs revised per round:")[1].splitlines() if line[:1].isdigit()]
+    assert rows == [["1", "2", "2", "liver +2"], ["2", "5", "3", "pancreas +2, liver +1"]]
+    assert (tmp_path / "rounds_revised.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

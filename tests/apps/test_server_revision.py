@@ -1,0 +1,181 @@
+"""Organ-level revision through a real server and MONAI Label's client: Submit Label names the revised
+organs, revised voxels are never lost, Next Sample hands out the organs still to revise, /info/ counts."""
+
+from __future__ import annotations
+
+import json
+import threading
+from urllib.request import Request, urlopen
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from lib.classes import CLASS_INDEX, LABEL_SETS
+from lib.data.phantoms import make_phantom, write_phantom
+from lib.weights import RELEASED_FILES
+from support import Server, write_synthetic_checkpoint
+
+pytestmark = pytest.mark.server
+
+PHANTOMS = ["rv_a", "rv_b", "rv_c"]
+ORGANS = LABEL_SETS["atlas25"]
+LIVER, PANCREAS, SPLEEN, STOMACH = (CLASS_INDEX[n] for n in ("liver", "pancreas", "spleen", "stomach"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    work = tmp_path_factory.mktemp("revision")
+    studies = work / "studies"
+    for i, name in enumerate(PHANTOMS):
+        write_phantom(make_phantom(60 + i, shape=(48, 48, 32), spacing_mm=(3.0, 3.0, 4.0)), str(studies), name, None)
+    weights = work / "weights"
+    write_synthetic_checkpoint("segresnet", str(weights / RELEASED_FILES["segresnet"]), seed=0)
+    conf = {
+        "models": "segresnet",
+        "weights_dir": str(weights),
+        "model_dir": str(work / "model"),
+        "use_pretrained_model": "false",
+        "overlap": "0",
+        "organs_per_sample": "2",
+    }
+    srv = Server(str(studies), conf, str(work), env={"MONAI_LABEL_TASKS_TRAIN": "false"})
+    try:
+        srv.wait_ready()
+        yield {"server": srv, "work": work, "studies": studies}
+    finally:
+        srv.stop()
+
+
+def _label(env, tmp_path, image_id, name, boxes):
+    """A label file on the image's grid: ``boxes`` = [(class index, (slice, slice, slice)), ...]."""
+    img = nib.load(str(env["studies"] / f"{image_id}.nii.gz"))
+    lab = np.zeros(img.shape, np.uint8)
+    for value, box in boxes:
+        lab[box] = value
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(lab, img.affine), str(path))
+    return str(path), lab
+
+
+def _stored(env, image_id):
+    return np.asarray(nib.load(str(env["studies"] / "labels" / "final" / f"{image_id}.nii.gz")).dataobj)
+
+
+def _organs(client, image_id):
+    return client.datastore()["objects"][image_id]["labels"]["final"]["info"]["organs"]
+
+
+def _box(x0, x1):
+    return (slice(x0, x1), slice(10, 20), slice(8, 16))
+
+
+def test_partial_saves_keep_revised_organs_byte_for_byte(env, tmp_path):
+    client = MONAILabelClient(env["server"].url, client_id="ann-1", tmpdir=str(tmp_path))
+    # Save 1 revises the liver; its pancreas and spleen are pseudo labels.
+    f1, l1 = _label(env, tmp_path, "rv_b", "s1", [(LIVER, _box(2, 10)), (PANCREAS, _box(12, 18)), (SPLEEN, _box(20, 26))])
+    client.save_label("rv_b", f1, tag="final", params={"revised": ["liver"]})
+    assert np.array_equal(_stored(env, "rv_b"), l1)
+    # Save 2 revises the pancreas, on a file whose liver (a pseudo label now) is elsewhere.
+    f2, l2 = _label(env, tmp_path, "rv_b", "s2", [(LIVER, _box(28, 36)), (PANCREAS, _box(38, 44)), (STOMACH, _box(20, 26))])
+    client.save_label("rv_b", f2, tag="final", params={"revised": ["pancreas"]})
+    expected = l2.copy()
+    expected[l2 == LIVER] = 0
+    expected[l1 == LIVER] = LIVER  # revised before: exactly as saved then
+    assert np.array_equal(_stored(env, "rv_b"), expected)
+    organs = _organs(client, "rv_b")
+    assert organs["liver"]["state"] == organs["pancreas"]["state"] == "revised"
+    assert organs["stomach"]["state"] == organs["spleen"]["state"] == "pseudo"
+    assert organs["liver"]["client_id"] == "ann-1" and organs["liver"]["ts"] <= organs["pancreas"]["ts"]
+    # Save 3 revises the liver again: the new liver replaces the old one; the pancreas stays as revised.
+    f3, l3 = _label(env, tmp_path, "rv_b", "s3", [(LIVER, _box(0, 6)), (PANCREAS, _box(6, 12))])
+    client.save_label("rv_b", f3, tag="final", params={"revised": ["liver"]})
+    expected = l3.copy()
+    expected[l3 == PANCREAS] = 0
+    expected[l2 == PANCREAS] = PANCREAS
+    assert np.array_equal(_stored(env, "rv_b"), expected)
+    assert [n for n, r in _organs(client, "rv_b").items() if r["state"] == "revised"] == ["liver", "pancreas"]
+
+
+def test_two_clients_saving_different_organs_at_once_keep_both(env, tmp_path):
+    url = env["server"].url
+    fa, la = _label(env, tmp_path, "rv_c", "a", [(LIVER, _box(2, 10)), (PANCREAS, _box(12, 18))])
+    fb, lb = _label(env, tmp_path, "rv_c", "b", [(LIVER, _box(20, 28)), (PANCREAS, _box(30, 36))])
+    errors = []
+
+    def save(cid, path, organ):
+        try:
+            MONAILabelClient(url, client_id=cid).save_label("rv_c", path, tag="final", params={"revised": [organ]})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=a) for a in (("ann-a", fa, "liver"), ("ann-b", fb, "pancreas"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    stored = _stored(env, "rv_c")
+    assert np.array_equal(stored == LIVER, la == LIVER) and np.array_equal(stored == PANCREAS, lb == PANCREAS)
+    organs = _organs(MONAILabelClient(url), "rv_c")
+    assert (organs["liver"]["client_id"], organs["pancreas"]["client_id"]) == ("ann-a", "ann-b")
+
+
+def test_unknown_organ_names_are_refused_and_nothing_changes(env, tmp_path):
+    client = MONAILabelClient(env["server"].url, tmpdir=str(tmp_path))
+    before = json.dumps(client.datastore(), sort_keys=True)
+    f, _ = _label(env, tmp_path, "rv_a", "bad", [(LIVER, _box(2, 10))])
+    for revised in (["liver", "brain", "heart"], []):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.save_label("rv_a", f, tag="final", params={"revised": revised})
+        assert "Status: 422;" in e.value.msg, e.value.msg
+    assert "brain, heart" in str(
+        pytest.raises(MONAILabelClientException, client.save_label, "rv_a", f, "final", {"revised": ["brain", "heart"]}).value.msg
+    )
+    assert json.dumps(client.datastore(), sort_keys=True) == before
+    assert not (env["studies"] / "labels" / "final" / "rv_a.nii.gz").exists()
+
+
+def test_next_sample_hands_out_the_organs_still_to_revise(env, tmp_path):
+    url = env["server"].url
+    client = MONAILabelClient(url, client_id="ann-1", tmpdir=str(tmp_path))
+    # Whole-volume saves (no list): every organ revised, so these images leave the pool.
+    for image_id in ("rv_b", "rv_c"):
+        f, _ = _label(env, tmp_path, image_id, f"whole_{image_id}", [(LIVER, _box(2, 10))])
+        client.save_label(image_id, f, tag="final")
+        assert {r["state"] for r in _organs(client, image_id).values()} == {"revised"}
+    request = Request(url + "/scoring/importance?run_sync=true", data=b"{}", method="POST")
+    request.add_header("Content-Type", "application/json")
+    urlopen(request, timeout=600).read()
+    record = client.datastore()["objects"]["rv_a"]["image"]["info"]["importance"]
+    attention = record["organs"]
+    assert len(attention) >= 5, record  # enough organs with attention for three handouts
+    first = client.next_sample("importance", {"client_id": "ann-1"})
+    assert (first["id"], first["organs"], first["score"]) == ("rv_a", attention[:2], record["score"])
+    f, _ = _label(env, tmp_path, "rv_a", "partial", [(LIVER, _box(2, 10))])
+    client.save_label("rv_a", f, tag="final", params={"revised": attention[:2]})
+    # Two annotators at once: both get the partly revised image, each other organs still to revise.
+    got = {}
+    threads = [
+        threading.Thread(target=lambda c=c: got.__setitem__(c, MONAILabelClient(url).next_sample("importance", {"client_id": c})))
+        for c in ("ann-2", "ann-3")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    answers = sorted(got.values(), key=lambda a: attention.index(a["organs"][0]))
+    assert [a["id"] for a in answers] == ["rv_a", "rv_a"]
+    assert [a["organs"] for a in answers] == [attention[2:4], attention[4:6]]
+    left = sum(v for o, v in record["organ_scores"].items() if o not in attention[:2])
+    assert answers[0]["score"] == int(round(left)) and answers[0]["revised"] == sorted(attention[:2])
+    # /info/: per organ, images revised and images still carrying attention.
+    progress = client.info()["suprem"]["revision"]
+    assert progress[attention[0]] == {"revised": 3, "attention": 0}
+    assert progress[attention[2]]["attention"] == 1 and progress[attention[2]]["revised"] == 2
+    # Everything with attention revised: the image leaves the pool.
+    client.save_label("rv_a", f, tag="final", params={"revised": attention})
+    assert MONAILabelClient(url).next_sample("importance", {"client_id": "ann-4"}) == {}
+    assert client.info()["suprem"]["revision"][attention[2]] == {"revised": 3, "attention": 0}
