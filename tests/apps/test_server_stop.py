@@ -128,13 +128,12 @@ def test_sigint_while_scoring_then_sigterm_during_a_round_end_every_process_and_
     assert published.read_bytes() == before, "a round cut short published nothing"
     assert len(_records(studies)) == N
 
-    # 3. The next start runs the interrupted round again: its labels are still new.
+    # 3. The next start runs the interrupted round again: its labels are still new. (That it trains and
+    # publishes is test_server_rounds' crash test; here the round starting is enough.)
     srv = Server(str(studies), conf, str(tmp_path)).wait_ready()
     try:
-        rounds = _wait("round 2", lambda: (lambda r: r if r.get(2, {}).get("status") in ("done", "failed") else None)(
-            _round_log(studies)), 600, step=2)
-        assert rounds[2]["status"] == "done" and rounds[2]["trigger"] == "resumed round 1", rounds[2]
+        rounds = _wait("round 2", lambda: (lambda r: r if 2 in r else None)(_round_log(studies)), 300, step=1)
+        assert rounds[2]["trigger"] == "resumed round 1", rounds[2]
         assert rounds[2]["label_ids"] == ["ph_0", "ph_1"] and rounds[1]["status"] == "interrupted"
-        assert published.read_bytes() != before
     finally:
         srv.stop()
