@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/error_capture.py --config small --models 2 --volumes 100
     .venv/bin/python bench/error_capture.py --config tiny --models 2 --volumes 4 --out /tmp/ec   # smoke run
+    .venv/bin/python bench/error_capture.py --config gpu --released DIR --device cuda   # the three backbones
 
 No retraining. A pool of phantom CTs (``lib/data``: sites A-D, hard cases) with ground truth; ``--models``
 SegResNet starters trained on phantoms from different seeds (cached, as bench/simulate.py caches its
@@ -13,11 +14,15 @@ organ masks, ``compute_attention``), and each (volume, organ) unit gets:
   1 - Dice;
 - rankings: the attention (the app's organ term of the score, ``organ_scores``) with the reference
   options and with ``entropy binary`` and ``normalise_score``; each term alone (uncertain, inconsistent,
-  overlap voxels); mean binary entropy of the ensemble probability over the volume (the kind of
-  uncertainty MONAI Label's epistemic scoring ranks by); random; the oracle (the true error).
+  overlap voxels); beyond the formula, ``raw_uncertain_voxels`` (the uncertainty term without its
+  opening); mean binary entropy of the ensemble probability over the volume (the kind of uncertainty
+  MONAI Label's epistemic scoring ranks by); random; the oracle (the true error);
+- why: where its error voxels lie (inside the organ's attention map, inside the raw uncertainty before
+  the opening, or where no model doubts: confident errors), its size and mask surface.
 
 Writes to ``--out``: ``units.csv`` (one row per unit), ``capture.md`` (share of all error voxels in the
-top 5 / 10 / 20 % of units per ranking, and Spearman correlation with the error), ``capture.png``
+top 5 / 10 / 20 % of units per ranking, Spearman correlation with the error, and the "why" evidence
+by site, hard case and organ), ``capture.png``
 (capture curves). Deterministic for a given config, seeds and model count.
 """
 
@@ -40,8 +45,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from bench.simulation.config import get_config, parse_override  # noqa: E402
+from lib.classes import CLASS_INDEX  # noqa: E402
 
 TOP = (0.05, 0.10, 0.20)
 TERMS = ("uncertain", "inconsistent", "overlap")
@@ -60,6 +67,24 @@ class ArchitectureCache:
         net = self._cache.get(name.split("#")[0], path, device)
         self.loads = self._cache.loads
         return net
+
+
+def released_scorer(cfg, weights_dir: str, device: str = "cpu"):
+    """The app's VolumeScorer over the released SuPreM files found in ``weights_dir`` (the three backbones
+    on a GPU: the ``gpu`` configuration), and their paths."""
+    from bench.simulation.loop import labels_of, recipe_of
+    from lib.importance.scorer import FixedWeights, VolumeScorer
+    from lib.networks import BACKBONES
+    from lib.networks.inference import NetworkCache
+    from lib.weights import RELEASED_FILES
+
+    weights = {b: os.path.join(weights_dir, RELEASED_FILES[b]) for b in BACKBONES
+               if os.path.exists(os.path.join(weights_dir, RELEASED_FILES[b]))}
+    if len(weights) < 2:
+        raise SystemExit(f"{weights_dir}: found {len(weights)} released SuPreM files; error capture needs at least 2")
+    scorer = VolumeScorer(list(weights), FixedWeights(weights), labels_of(cfg), recipe_of(cfg), cache=NetworkCache(),
+                          device=device)
+    return scorer, list(weights.values())
 
 
 def seed_scorer(cfg, starters: Sequence[str], device: str = "cpu"):
@@ -88,10 +113,8 @@ def working_grid_truth(recipe, image: str, label: str) -> np.ndarray:
 
 
 def volume_units(scorer, study, cfg) -> List[Dict]:
-    """One row per organ of one volume: true error and every ranking's value."""
-    import torch
-
-    from lib.classes import CLASS_INDEX
+    """One row per organ of one volume: true error, every ranking's value, and what explains them."""
+    from bench.simulation.uncertainty import binary_entropy
     from lib.importance.attention import compute_attention
     from lib.transforms.labels import organ_masks
 
@@ -106,23 +129,50 @@ def volume_units(scorer, study, cfg) -> List[Dict]:
     truth = working_grid_truth(scorer.recipe, study.image, study.gt)
     if truth.shape != tuple(masks.shape[1:]):
         raise RuntimeError(f"{study.id}: ground truth grid {truth.shape} != working grid {tuple(masks.shape[1:])}")
-    mean = probs.mean(0).clamp(1e-6, 1 - 1e-6)
-    entropy = -(mean * mean.log() + (1 - mean) * (1 - mean).log())
+    maps = why_maps(probs)
+    entropy = binary_entropy(probs)
     rows = []
     for c, organ in enumerate(scorer.labels):
-        predicted, true = masks[c].cpu().numpy().astype(bool), truth == CLASS_INDEX[organ]
+        predicted = masks[c].cpu().numpy().astype(bool)
+        true = truth == CLASS_INDEX[organ]
+        error = np.logical_xor(predicted, true)
         overlap = int(np.logical_and(predicted, true).sum())
         size = int(predicted.sum() + true.sum())
         row = {"volume": study.id, "site": study.site, "hard": study.hard or "", "organ": organ,
-               "error_voxels": int(np.logical_xor(predicted, true).sum()),
-               "one_minus_dice": 1.0 - 2.0 * overlap / size if size else 0.0,
+               "error_voxels": int(error.sum()), "one_minus_dice": 1.0 - 2.0 * overlap / size if size else 0.0,
                "mean_entropy": float(entropy[c].mean())}
         for name, result in results.items():
             row[name] = float(result.organ_scores.get(organ, 0.0))
         for term in TERMS:
             row[term] = int(torch.as_tensor(getattr(results["attention"], term)[c]).sum())
+        row.update(why_columns(error, predicted, true, results["attention"].attention[c].cpu().numpy(),
+                               {k: v[c] for k, v in maps.items()}))
         rows.append(row)
     return rows
+
+
+def why_maps(probs) -> Dict[str, np.ndarray]:
+    """Per organ (C, ...) bool maps behind the explanations: ``raw_uncertain`` (U > threshold before the
+    opening), ``doubted`` (raw uncertainty, or the models disagree: C > its threshold, before opening)."""
+    from lib.importance.attention import C_THRESHOLD, U_THRESHOLD, inconsistency, uncertainty
+
+    raw_u = (uncertainty(probs) > U_THRESHOLD).cpu().numpy()
+    raw_c = (inconsistency(probs) > C_THRESHOLD).cpu().numpy()
+    return {"raw_uncertain": raw_u, "doubted": raw_u | raw_c}
+
+
+def why_columns(error, predicted, true, attention, maps) -> Dict[str, int]:
+    """Where a unit's error voxels lie: inside its attention (A_b), inside the raw uncertainty before the
+    opening, or where no model doubts (confident errors); and the unit's size and mask surface."""
+    from scipy.ndimage import binary_erosion
+
+    surface = predicted & ~binary_erosion(predicted)
+    return {"error_in_attention": int((error & attention.astype(bool)).sum()),
+            "error_in_raw_uncertain": int((error & maps["raw_uncertain"]).sum()),
+            "confident_error": int((error & ~maps["doubted"]).sum()),
+            "raw_uncertain_voxels": int(maps["raw_uncertain"].sum()),
+            "true_voxels": int(true.sum()), "predicted_voxels": int(predicted.sum()),
+            "surface_voxels": int(surface.sum())}
 
 
 def capture(values: np.ndarray, error: np.ndarray, share: float) -> float:
@@ -162,8 +212,47 @@ def curve(values: np.ndarray, error: np.ndarray) -> np.ndarray:
     return np.array([capture(values, error, s) for s in np.linspace(0.01, 1.0, 100)])
 
 
+def _spearman(rows: List[Dict], a: str, b: str) -> float:
+    from scipy.stats import spearmanr
+
+    x, y = np.array([r[a] for r in rows], float), np.array([r[b] for r in rows], float)
+    return float(spearmanr(x, y).statistic) if x.std() > 0 and y.std() > 0 else float("nan")
+
+
+def why_lines(rows: List[Dict]) -> List[str]:
+    """The evidence for why attention does or does not find the errors (see the module docstring)."""
+    error = sum(r["error_voxels"] for r in rows) or 1
+
+    def share(key: str) -> str:
+        return f"{sum(r[key] for r in rows) / error:.1%}"
+
+    lines = ["## Why", "",
+             f"- Error voxels inside their organ's attention map A_b: {share('error_in_attention')}; inside the raw "
+             f"uncertainty (U > threshold, before the opening): {share('error_in_raw_uncertain')}; where no model "
+             f"doubts (U and C under their thresholds: confident errors): {share('confident_error')}.",
+             f"- Spearman with the error voxels: attention {_spearman(rows, 'attention', 'error_voxels'):.2f}, organ "
+             f"size {_spearman(rows, 'true_voxels', 'error_voxels'):.2f}, mask surface "
+             f"{_spearman(rows, 'surface_voxels', 'error_voxels'):.2f}. Spearman of attention with size "
+             f"{_spearman(rows, 'attention', 'true_voxels'):.2f}, with surface "
+             f"{_spearman(rows, 'attention', 'surface_voxels'):.2f}.",
+             "", "| group | units | share of error voxels | share of attention | mean 1 - Dice |", "|---|---|---|---|---|"]
+    attention = sum(r["attention"] for r in rows) or 1.0
+    groups: Dict[str, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault(f"site {r['site']}", []).append(r)
+        groups.setdefault(f"hard: {r['hard'] or 'none'}", []).append(r)
+        groups.setdefault(f"organ: {r['organ']}", []).append(r)
+    for name in sorted(groups):
+        g = groups[name]
+        lines.append(f"| {name} | {len(g)} | {sum(r['error_voxels'] for r in g) / error:.1%} | "
+                     f"{sum(r['attention'] for r in g) / attention:.1%} | "
+                     f"{np.mean([r['one_minus_dice'] for r in g]):.2f} |")
+    return lines + [""]
+
+
 def write_outputs(rows: List[Dict], out: str, meta: Dict) -> str:
-    rankings = ["attention", "attention_binary", "attention_normalised", *TERMS, "mean_entropy", "random", "oracle"]
+    rankings = ["attention", "attention_binary", "attention_normalised", *TERMS, "raw_uncertain_voxels",
+                "mean_entropy", "random", "oracle"]
     table = capture_table(rows, rankings)
     with open(os.path.join(out, "units.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -175,7 +264,7 @@ def write_outputs(rows: List[Dict], out: str, meta: Dict) -> str:
         lines.append(f"| {t['ranking']} | {t['top5']:.1%} | {t['top10']:.1%} | {t['top20']:.1%} | {t['spearman']:.2f} |")
     ratio = table[0]["top10"] / 0.10
     lines += ["", f"Target: top 10% by attention hold >= 2x random's share: {ratio:.2f}x -> "
-                  f"**{'met' if ratio >= 2 else 'not met'}**", ""]
+                  f"**{'met' if ratio >= 2 else 'not met'}**", ""] + why_lines(rows)
     text = "\n".join(lines)
     with open(os.path.join(out, "capture.md"), "w") as f:
         f.write(text)
@@ -204,18 +293,14 @@ def _plot(rows: List[Dict], rankings: Sequence[str], path: str) -> None:
     plt.close(fig)
 
 
-def starters(cfg, n_models: int, out: str, log) -> List[str]:
-    """``n_models`` SegResNet starters (starter_seed, +1, ...), trained once and cached by their settings."""
+def starters(cfg, n_models: int, work: str, log, cache: Optional[str] = None) -> List[str]:
+    """``n_models`` SegResNet starters (starter_seed, +1, ...), each trained once and cached by its settings
+    (the cache bench/simulate.py and bench/starter.py share)."""
     from bench.simulation import loop
 
-    paths = []
-    for k in range(n_models):
-        model_cfg = dataclasses.replace(cfg, starter_seed=cfg.starter_seed + k)
-        path = os.path.join(out, "starter", f"starter_{cfg.name}_{model_cfg.starter_key()}.pth")
-        if not os.path.exists(path):
-            loop.train_starter(model_cfg, os.path.join(out, "work"), path, log)
-        paths.append(path)
-    return paths
+    cache = cache or loop.STARTER_CACHE
+    return [loop.cached_starter(dataclasses.replace(cfg, starter_seed=cfg.starter_seed + k), work, log, cache)
+            for k in range(n_models)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -227,6 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "error_capture"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--starter-cache", help="where trained starters are kept (default bench/out/starters)")
+    ap.add_argument("--released", metavar="DIR",
+                    help="score with the released SuPreM files in DIR (the three backbones; GPU) instead of starters")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args(argv)
 
     import torch
@@ -245,10 +334,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
 
-    models = starters(cfg, args.models, out, log)
+    if args.released:
+        scorer, models = released_scorer(cfg, args.released, args.device)
+    else:
+        models = starters(cfg, args.models, os.path.join(out, "work"), log, args.starter_cache)
+        scorer = seed_scorer(cfg, models, args.device)
     pool = os.path.join(out, "work", f"pool_{args.seed}")
     studies = make_studies(os.path.join(pool, "images"), os.path.join(pool, "gt"), "pool", args.volumes, args.seed, cfg)
-    scorer = seed_scorer(cfg, models)
     rows = []
     for i, study in enumerate(studies, 1):
         rows += volume_units(scorer, study, cfg)
@@ -257,6 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"config": cfg.name, "command": "python bench/error_capture.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M"), "models": len(models), "volumes": len(studies),
             "units": len(rows), "labels": cfg.labels, "wall_s": round(time.time() - start),
+            "model files": ", ".join(os.path.basename(m) for m in models),
             "settings": json.dumps({k: cfg.as_dict()[k] for k in ("shape", "grid_mm", "roi", "starter_iters")})}
     print(write_outputs(rows, out, meta))
     return 0

@@ -72,6 +72,44 @@ def _report_only(out: str) -> int:
     return 0
 
 
+def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str, keep_work: bool,
+             start: float) -> List:
+    """Every arm of one seed (in this process, or a worker's); returns its rows."""
+    import torch
+
+    from bench.simulation import loop
+
+    torch.set_num_threads(max(1, threads))
+    logging.disable(logging.WARNING)
+    loop.DEVICE = device
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
+
+    ctx = loop.prepare_seed(cfg, seed, work, starter, log)
+    rows: List = []
+    for strategy, revision in cfg.arms:
+        rows += loop.run_arm(cfg, ctx, strategy, revision, log)
+    if not keep_work:
+        shutil.rmtree(ctx.folder, ignore_errors=True)
+    return rows
+
+
+def _run_seeds(cfg, work: str, starter: str, args, start: float):
+    """Yields each seed's rows as it finishes: in this process, or in ``--jobs`` worker processes."""
+    todo = [(cfg, seed, work, starter, args.threads, args.device, args.keep_work, start) for seed in cfg.seeds]
+    if args.jobs <= 1:
+        for job in todo:
+            yield run_seed(*job)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(run_seed, *job) for job in todo]):
+            yield future.result()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="small", choices=sorted(PRESETS), help="preset (default small)")
@@ -84,8 +122,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran slower)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training and inference run")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run in this many processes at once (each with --threads threads; default 1)")
     ap.add_argument("--keep-work", action="store_true", help="keep the phantoms and models under OUT/work")
-    ap.add_argument("--fresh-starter", action="store_true", help="retrain the starting model even if cached")
+    ap.add_argument("--fresh-starter", action="store_true",
+                    help="retrain the starting model even if cached (bench/out/starters, keyed by its settings)")
+    ap.add_argument("--starter-cache", help="where trained starters are kept (default bench/out/starters)")
     ap.add_argument("--starter", metavar="PTH",
                     help="start from this segresnet checkpoint (released format, e.g. the released SuPreM file) "
                          "instead of training one on phantoms")
@@ -129,7 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.as_dict(), f, indent=1)
 
-    starter = os.path.join(out, "starter", f"starter_{cfg.name}_{cfg.starter_key()}.pth")
     t = time.time()
     if args.starter:
         from lib.networks import validate_checkpoint
@@ -138,23 +179,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate_checkpoint("segresnet", starter)
         log(f"starter: given {starter}")
         starter_note = f"given: {starter}"
-    elif args.fresh_starter or not os.path.exists(starter):
-        loop.train_starter(cfg, work, starter, log)
-        starter_note = f"trained in {time.time() - t:.0f} s"
     else:
-        log(f"starter: reusing {starter}")
-        starter_note = "reused from an earlier run (cached under OUT/starter)"
+        starter = loop.cached_starter(cfg, work, log, cache=args.starter_cache or loop.STARTER_CACHE,
+                                      fresh=args.fresh_starter)
+        starter_note = f"{starter} (trained once with the settings it is keyed by; {time.time() - t:.0f} s here)"
 
     organs = loop.labels_of(cfg)
-    rows: List = []
     csv_path = os.path.join(out, "rounds.csv")
-    for seed in cfg.seeds:
-        ctx = loop.prepare_seed(cfg, seed, work, starter, log)
-        for strategy, revision in cfg.arms:
-            rows += loop.run_arm(cfg, ctx, strategy, revision, log)
-            report.write_csv(rows, organs, csv_path)  # partial results survive an interruption
-        if not args.keep_work:
-            shutil.rmtree(ctx.folder, ignore_errors=True)
+    rows: List = []
+    for seed_rows in _run_seeds(cfg, work, starter, args, start):
+        rows += seed_rows
+        report.write_csv(rows, organs, csv_path)  # partial results survive an interruption
+    rows.sort(key=lambda r: (r["seed"], cfg.arms.index((r["strategy"], r["revision"])), r["round"]))
     report.write_csv(rows, organs, csv_path)
     report.plot(rows, os.path.join(out, "dice_vs_annotation.png"), title=f"{cfg.name}:")
     wall = time.time() - start

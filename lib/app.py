@@ -26,6 +26,7 @@ from lib.stopping import end_child_processes, install_stop_handlers, on_stop, st
 from lib.scoring.importance import ImportanceScoring
 from lib.importance.scorer import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
+from lib.transforms.recipe import PRESETS, recipe_fit
 from lib.weights import WeightsRegistry
 
 logger = logging.getLogger(__name__)
@@ -88,11 +89,31 @@ class Tasks:
 
     def info(self) -> Dict:
         info = {"conf": conf_summary(self.cfg), "weights": self.registry.summary()}
+        for b, why in weights_misfits(self.registry, self.cfg).items():
+            info["weights"][b]["misfit"] = why
         if self.rounds is not None:
             info["rounds"] = self.rounds.info()
         if self.datastore is not None:
             info["revision"] = revision_progress(self.datastore(), self.cfg.labels)
         return {"suprem": info}
+
+
+def weights_misfits(registry: WeightsRegistry, cfg: AppConfig) -> Dict[str, str]:
+    """Backbone -> why its weights do not fit the server's recipe (grid, window): released SuPreM weights
+    were trained on the recipe preset's; starter weights say in their sidecar what they were trained on."""
+    out = {}
+    for b in cfg.models:
+        info = registry.info(b)
+        base = registry.weights[b].base_source if b in registry.weights else "none"
+        source = "fine-tuned" if "base" in info else base  # a fine-tuned model's sidecar does not say its grid
+        trained = info if source == "starter" else {}
+        if source == "released":
+            recipe = PRESETS["recipe"]
+            trained = {"spacing": list(recipe.spacing), "roi": list(recipe.roi), "preset": "recipe"}
+        why = recipe_fit(trained, cfg.recipe)
+        if why:
+            out[b] = f"{source} weights {why}"
+    return out
 
 
 def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
@@ -108,6 +129,8 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
     )
     for b in cfg.models:
         registry.resolve(b)
+    for b, why in weights_misfits(registry, cfg).items():
+        logger.warning(f"{b}: {why}")
     cache = NetworkCache()
     tasks = Tasks(cfg=cfg, registry=registry, cache=cache)
     for b in cfg.models:

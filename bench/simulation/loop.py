@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.utils import set_determinism
 from monailabel.datastore.local import LocalDatastore
+from monailabel.tasks.activelearning.epistemic import Epistemic
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
@@ -40,6 +41,7 @@ from .annotator import SimulatedAnnotator
 from .config import STRATEGIES, SimConfig, arm_name
 from .data import Study, make_studies
 from .dice import organ_dice, summarise
+from .uncertainty import ENTROPY_KEY, mean_binary_entropy
 
 BACKBONE = "segresnet"
 DEVICE = "cpu"  # bench/simulate.py --device sets it
@@ -103,7 +105,9 @@ class Model:
             shutil.rmtree(os.path.join(self.model_dir, f"train_{BACKBONE}", name), ignore_errors=True)
         return {"epochs": epochs, "labels_used": n, "published": res.get("published")}
 
-    def test_dice(self, studies: List[Study]) -> Dict[str, float]:
+    def test_dice(self, studies: List[Study]) -> Dict:
+        """Dice per organ and its mean over organs (``summarise``), and under ``volumes`` the per-volume,
+        per-organ table it came from (what the bootstrap intervals resample)."""
         import nibabel as nib
 
         per_volume = []
@@ -111,7 +115,14 @@ class Model:
             pred = self.predict(s.image)
             gt = np.asarray(nib.load(s.gt).dataobj)
             per_volume.append(organ_dice(pred, gt, self.class_indices))
-        return summarise(per_volume, self.labels)
+        return dict(summarise(per_volume, self.labels), volumes=[v.tolist() for v in per_volume])
+
+    def score_entropy(self, datastore) -> None:
+        """Mean binary entropy of the model's probabilities, per unlabelled image, stored where MONAI
+        Label's ``Epistemic`` strategy reads it (``epistemic_entropy``)."""
+        for image_id in datastore.get_unlabeled_images():
+            probs = self.scorer.probabilities(self.scorer.preprocess(datastore.get_image_uri(image_id)))
+            datastore.update_image_info(image_id, {ENTROPY_KEY: mean_binary_entropy(probs)})
 
 
 @dataclass
@@ -125,7 +136,7 @@ class SeedContext:
     starter: str
     round0: Dict[str, float] = field(default_factory=dict)
     round0_s: float = 0.0
-    scores0: Dict[str, Dict[str, Dict]] = field(default_factory=dict)  # entropy -> image id -> record
+    scores0: Dict[str, Dict[str, Dict]] = field(default_factory=dict)  # score kind -> image id -> image info
 
 
 def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log) -> SeedContext:
@@ -145,6 +156,11 @@ def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log) -
     return ctx
 
 
+def starter_sites(cfg: SimConfig) -> List[str]:
+    """The sites the starting model learns from: ``starter_site`` is one site or a comma list (``A,B``)."""
+    return [s.strip() for s in cfg.starter_site.split(",") if s.strip()]
+
+
 def train_starter(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
     """The 'pre-trained backbone': SegResNet from scratch on ``n_starter`` phantoms of one site, with the
     project's trainer; published to ``dest``."""
@@ -152,20 +168,56 @@ def train_starter(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     studies_dir = os.path.join(folder, "studies")
     make_studies(studies_dir, os.path.join(studies_dir, "labels", "final"), "starter", cfg.n_starter,
-                 cfg.starter_seed, cfg, sites=[cfg.starter_site], hard_fraction=0.0)
+                 cfg.starter_seed, cfg, sites=starter_sites(cfg), hard_fraction=0.0)
     ds = LocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     m = Model(cfg, os.path.join(folder, "model"), None, os.path.join(folder, "split.json"), publish_to=dest)
     t = time.time()
     info = m.train(ds, "starter", cfg.starter_iters, cfg.starter_seed)
-    log(f"starter: {cfg.n_starter} site-{cfg.starter_site} phantoms, {info['epochs']} epochs, {time.time() - t:.0f} s")
+    log(f"starter: {cfg.n_starter} phantoms of site(s) {cfg.starter_site}, {info['epochs']} epochs, {time.time() - t:.0f} s")
     shutil.rmtree(folder, ignore_errors=True)
     return dest
 
 
+STARTER_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out", "starters")
+
+
+def cached_starter(cfg: SimConfig, work: str, log: Log, cache: str = STARTER_CACHE, fresh: bool = False) -> str:
+    """The starting model of ``cfg``, trained once and kept under ``cache`` as
+    ``starter_<config>_<starter_key>.pth``: the key hashes every setting it depends on, so a changed
+    setting trains a new one and an unchanged one is reused by every script and seed."""
+    path = os.path.join(cache, f"starter_{cfg.name}_{cfg.starter_key()}.pth")
+    if fresh or not os.path.exists(path):
+        train_starter(cfg, work, path, log)
+    else:
+        log(f"starter: reusing {path}")
+    return path
+
+
 def _strategy(name: str):
     kind = STRATEGIES[name][0]
-    return {"importance": lambda: ImportanceStrategy(hold_s=0.0), "random": Random, "first": First}[kind]()
+    return {"importance": lambda: ImportanceStrategy(hold_s=0.0), "random": Random, "first": First,
+            "entropy": lambda: Epistemic(k=1, key=ENTROPY_KEY)}[kind]()
+
+
+def _score_pool(kind: str, entropy: str, model: "Model", ds, ctx: "SeedContext", rnd: int) -> None:
+    """Score the unlabelled pool for the strategy (importance records, or mean entropy); the first
+    round's scores come from the starter, the same for every arm of the seed, so they are reused."""
+    if kind not in ("importance", "entropy"):
+        return
+    key = INFO_KEY if kind == "importance" else ENTROPY_KEY
+    cache_key = f"{kind}:{entropy}"
+    cached = ctx.scores0.get(cache_key) if rnd == 1 else None
+    if cached:
+        for image_id, value in cached.items():
+            ds.update_image_info(image_id, {key: value})
+        return
+    if kind == "importance":
+        model.scoring({}, ds)
+    else:
+        model.score_entropy(ds)
+    if rnd == 1:
+        ctx.scores0[cache_key] = {i: ds.get_image_info(i).get(key) for i in ds.get_unlabeled_images()}
 
 
 def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log: Log) -> List[Dict]:
@@ -195,15 +247,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     per_round = cfg.volumes_per_round if revision == "volume" else cfg.organ_volumes_per_round
     for rnd in range(1, cfg.rounds + 1):
         t = time.time()
-        if kind == "importance":
-            cached = ctx.scores0.get(entropy) if rnd == 1 else None
-            if cached:
-                for image_id, rec in cached.items():
-                    ds.update_image_info(image_id, {INFO_KEY: rec})
-            else:
-                model.scoring({}, ds)
-                if rnd == 1:
-                    ctx.scores0[entropy] = {i: ds.get_image_info(i).get(INFO_KEY, {}) for i in ds.get_unlabeled_images()}
+        _score_pool(kind, entropy, model, ds, ctx, rnd)
         score_s = time.time() - t
         random.seed(round_seed(ctx.seed, rnd))  # MONAI Label's Random draws from Python's random
         picked = []

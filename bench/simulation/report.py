@@ -8,6 +8,7 @@ interpolated linearly between the two rounds around that crossing (None when it 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -16,13 +17,15 @@ import numpy as np
 
 BASE_COLUMNS = ["seed", "strategy", "revision", "round", "volumes_revised", "organs_revised", "test_mean_dice"]
 TAIL_COLUMNS = ["epochs", "labels_used", "score_s", "train_s", "test_s", "picked"]
+VOLUME_COLUMN = "volume_dice"  # JSON: per test volume, per organ Dice (null = undefined), for the intervals
 REF = ("importance", "volume")
 RANDOM = ("random", "volume")
 ORGAN = ("importance", "organ")
+ENTROPY = ("entropy", "volume")
 
 
 def columns(organs: Sequence[str]) -> List[str]:
-    return BASE_COLUMNS + [f"dice_{o}" for o in organs] + TAIL_COLUMNS
+    return BASE_COLUMNS + [f"dice_{o}" for o in organs] + TAIL_COLUMNS + [VOLUME_COLUMN]
 
 
 def _fmt(v) -> str:
@@ -40,7 +43,14 @@ def write_csv(rows: List[Dict], organs: Sequence[str], path: str) -> None:
             w.writerow([_fmt(v) for v in [r["seed"], r["strategy"], r["revision"], r["round"], r["volumes_revised"],
                                           r["organs_revised"], d["mean"]]]
                        + [_fmt(d.get(o, float("nan"))) for o in organs]
-                       + [_fmt(r[c]) for c in TAIL_COLUMNS])
+                       + [_fmt(r[c]) for c in TAIL_COLUMNS] + [_volume_json(d.get("volumes"))])
+
+
+def _volume_json(table) -> str:
+    if not table:
+        return ""
+    return json.dumps([[None if v is None or math.isnan(v) else round(float(v), 4) for v in vol] for vol in table],
+                      separators=(",", ":"))
 
 
 def read_csv(path: str) -> List[Dict]:
@@ -91,56 +101,98 @@ def _reach(pts, target, col):
     return annotation_to_reach([p[col] for p in pts], [p[2] for p in pts], target)
 
 
+SAVING_TARGET = 0.4  # at least 40% less annotation
+SEED_SHARE = 0.8  # the volume target: in at least 4 of 5 seeds
+
+
+def _arm_against(c, arm, reference, col: int) -> Optional[Dict]:
+    """Annotation (``col``: 0 volumes, 1 organs) ``arm`` needs to reach the final Dice of ``reference``,
+    against what ``reference`` spent: on the mean curves and per seed (each against its own reference run).
+
+    ``degenerate`` is set (and no saving computed) where the reference ended no better than the starting
+    model: then every arm "reaches" its Dice with no annotation and a saving means nothing."""
+    if arm not in c or reference not in c:
+        return None
+    ref = mean_curve(c[reference])
+    target, start, spent = float(ref[-1, 2]), float(ref[0, 2]), float(ref[-1, col])
+    mine = mean_curve(c[arm])
+    need = annotation_to_reach(mine[:, col], mine[:, 2], target)
+    degenerate = target <= start
+    per_seed = []
+    for s, pts in sorted(c[arm].items()):
+        if s not in c[reference]:
+            continue
+        ref_pts = c[reference][s]
+        n_s = _reach(pts, ref_pts[-1][2], col)
+        seed_degenerate = ref_pts[-1][2] <= ref_pts[0][2]
+        per_seed.append((s, n_s, ref_pts[-1][col], None if seed_degenerate else _saving(n_s, ref_pts[-1][col])))
+    return {"target_dice": target, "start_dice": start, "degenerate": degenerate, "reference_spent": spent,
+            "needed": need, "saving": None if degenerate else _saving(need, spent), "per_seed": per_seed,
+            "seeds_met": sum(1 for *_, sv in per_seed if sv is not None and sv >= SAVING_TARGET)}
+
+
 def target_comparison(rows: List[Dict]) -> Dict:
-    """The two numbers of the target, on the mean curves and per seed.
-
-    ``degenerate`` is set (and no saving computed) where random selection ended no better than the
-    starting model: then every arm "reaches" the target with no annotation and a saving means nothing.
-    """
+    """The issue's targets. ``volumes``: importance (whole volume) against random's final Dice, in
+    revised volumes; met when the saving is at least 40% in at least 4 of 5 seeds. ``organs``:
+    organ-level importance against the whole-volume importance arm's final Dice, in revised organs; met
+    when the mean curves show at least 40% saving. ``entropy``: mean entropy against random (no target)."""
     c = curves(rows)
-    out: Dict = {"volumes": None, "organs": None}
-    if RANDOM not in c:
-        return out
-    rnd_mean = mean_curve(c[RANDOM])
-    target = float(rnd_mean[-1, 2])
-    start = float(rnd_mean[0, 2])
-    v_random = float(rnd_mean[-1, 0])
-    res: Dict = {"target_dice": target, "start_dice": start, "degenerate": target <= start}
+    volumes = _arm_against(c, REF, RANDOM, 0)
+    if volumes is not None:
+        n = len(volumes["per_seed"])
+        volumes["met"] = not volumes["degenerate"] and n > 0 and volumes["seeds_met"] >= math.ceil(SEED_SHARE * n)
+    organs = _arm_against(c, ORGAN, REF, 1)
+    if organs is not None:
+        organs["met"] = organs["saving"] is not None and organs["saving"] >= SAVING_TARGET
+    return {"volumes": volumes, "organs": organs, "entropy": _arm_against(c, ENTROPY, RANDOM, 0)}
 
-    def seed_target(s):
-        pts = c[RANDOM][s]
-        return pts[-1][2], pts[-1][2] <= pts[0][2]
 
-    if REF in c:
-        ref = mean_curve(c[REF])
-        need = annotation_to_reach(ref[:, 0], ref[:, 2], target)
-        per_seed = []
-        for s, pts in c[REF].items():
-            if s not in c[RANDOM]:
-                continue
-            t_s, degenerate = seed_target(s)
-            n_s = _reach(pts, t_s, 0)
-            per_seed.append((s, n_s, None if degenerate else _saving(n_s, c[RANDOM][s][-1][0])))
-        out["volumes"] = dict(res, random_volumes=v_random, importance_volumes=need,
-                              saving=None if res["degenerate"] else _saving(need, v_random), per_seed=per_seed)
-    if ORGAN in c and REF in c:
-        ref = mean_curve(c[REF])
-        org = mean_curve(c[ORGAN])
-        need_whole = annotation_to_reach(ref[:, 1], ref[:, 2], target)
-        need_org = annotation_to_reach(org[:, 1], org[:, 2], target)
-        per_seed = []
-        for s, pts in c[ORGAN].items():
-            if s not in c[RANDOM] or s not in c[REF]:
-                continue
-            t_s, degenerate = seed_target(s)
-            w, o = _reach(c[REF][s], t_s, 1), _reach(pts, t_s, 1)
-            per_seed.append((s, o, w, None if degenerate else _saving(o, w)))
-        deg = res["degenerate"]
-        out["organs"] = dict(res, whole_organs=need_whole, organ_level_organs=need_org,
-                             random_organs=float(rnd_mean[-1, 1]),
-                             saving=None if deg else _saving(need_org, need_whole),
-                             saving_vs_random=None if deg else _saving(need_org, float(rnd_mean[-1, 1])),
-                             per_seed=per_seed)
+# --- bootstrap intervals ------------------------------------------------------------------------------
+def volume_table(row: Dict) -> Optional[np.ndarray]:
+    """The per-test-volume, per-organ Dice of a row (volumes x organs, NaN where undefined), or None."""
+    if "dice" in row and isinstance(row["dice"], dict):
+        table = row["dice"].get("volumes")
+    else:
+        text = row.get("volume_dice") or ""
+        table = json.loads(text) if text else None
+    if not table:
+        return None
+    return np.array([[np.nan if v is None else v for v in vol] for vol in table], float)
+
+
+def _mean_dice(table: np.ndarray) -> float:
+    """``dice.summarise``'s mean: per organ the mean over volumes, then the mean over organs."""
+    with np.errstate(all="ignore"):
+        per_organ = np.nanmean(table, axis=0) if table.size else np.array([])
+    per_organ = per_organ[np.isfinite(per_organ)]
+    return float(per_organ.mean()) if per_organ.size else float("nan")
+
+
+def bootstrap_interval(tables: Sequence[np.ndarray], rng: np.random.Generator, n: int = 2000,
+                       level: float = 0.95) -> Tuple[float, float]:
+    """Percentile interval of the mean over seeds of the test mean Dice, resampling seeds and, within
+    each seed, its test volumes (both with replacement): the two sources of spread."""
+    stats = np.empty(n)
+    k = len(tables)
+    for b in range(n):
+        seeds = rng.integers(0, k, size=k)
+        stats[b] = np.nanmean([_mean_dice(tables[i][rng.integers(0, len(tables[i]), size=len(tables[i]))])
+                               for i in seeds])
+    lo, hi = np.nanpercentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bands(rows: Iterable[Dict], seed: int = 0) -> Dict[Tuple[str, str], List[Tuple[float, float]]]:
+    """(strategy, revision) -> per round the bootstrap 95% interval of the test mean Dice (NaN if a row
+    has no per-volume table)."""
+    tables: Dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        tables[(r["strategy"], r["revision"])][int(r["round"])].append(volume_table(r))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for arm, by_round in tables.items():
+        out[arm] = [bootstrap_interval(t, rng) if all(x is not None for x in t) else (float("nan"),) * 2
+                    for _, t in sorted(by_round.items())]
     return out
 
 
@@ -152,21 +204,27 @@ def plot(rows: List[Dict], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     c = curves(rows)
+    intervals = bands(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1))]
     for k, arm in enumerate(sorted(c)):
         m = mean_curve(c[arm])
+        lo, hi = np.array(intervals[arm]).T
         label = f"{arm[0]} ({arm[1]} revision)"
         for ax, col in zip(axes, (0, 1)):
             # Distinct dashes, so that arms with identical curves (same picks) stay visible.
             (line,) = ax.plot(m[:, col], m[:, 2], marker="o", ms=3, ls=styles[k % len(styles)], label=label)
-            ax.fill_between(m[:, col], m[:, 2] - m[:, 3], m[:, 2] + m[:, 3], color=line.get_color(), alpha=0.15)
+            ax.fill_between(m[:, col], lo, hi, color=line.get_color(), alpha=0.12)
     if RANDOM in c:
         target = float(mean_curve(c[RANDOM])[-1, 2])
-        for ax in axes:
-            ax.axhline(target, color="grey", ls="--", lw=0.8)
-        axes[0].annotate("random's final Dice (the target)", (0, target), textcoords="offset points", xytext=(2, 3),
+        axes[0].axhline(target, color="grey", ls="--", lw=0.8)
+        axes[0].annotate("random's final Dice", (0, target), textcoords="offset points", xytext=(2, 3),
                          fontsize=7, color="grey")
+    if REF in c:
+        target = float(mean_curve(c[REF])[-1, 2])
+        axes[1].axhline(target, color="grey", ls="--", lw=0.8)
+        axes[1].annotate("whole-volume importance's final Dice", (0, target), textcoords="offset points",
+                         xytext=(2, 3), fontsize=7, color="grey")
     axes[0].set_xlabel("volumes revised (cumulative)")
     axes[1].set_xlabel("organs revised (cumulative; a whole volume = every organ of the label set)")
     axes[0].set_ylabel("test mean Dice")
@@ -174,7 +232,8 @@ def plot(rows: List[Dict], path: str, title: str = "") -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{title} test Dice vs annotation: mean over {n_seeds} seed(s), band = ±1 sd".strip(), fontsize=10)
+    fig.suptitle(f"{title} test Dice vs annotation: mean over {n_seeds} seed(s), band = bootstrap 95% interval "
+                 "(seeds and test volumes)".strip(), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -191,50 +250,59 @@ def _pct(v) -> str:
 
 def summary_table(rows: List[Dict]) -> str:
     c = curves(rows)
+    intervals = bands(rows)
     n_rounds = max(len(next(iter(v.values()))) for v in c.values())
     head = "| arm | " + " | ".join(f"round {r}" for r in range(n_rounds)) + " | volumes | organs |"
     lines = [head, "|" + "---|" * (n_rounds + 3)]
     for arm in sorted(c):
         m = mean_curve(c[arm])
-        cells = [f"{m[r, 2]:.3f} ± {m[r, 3]:.3f}" for r in range(len(m))]
+        cells = [f"{m[r, 2]:.3f} [{lo:.3f}, {hi:.3f}]" for r, (lo, hi) in enumerate(intervals[arm])]
         lines.append(f"| {arm[0]} / {arm[1]} | " + " | ".join(cells) + f" | {m[-1, 0]:.0f} | {m[-1, 1]:.0f} |")
     return "\n".join(lines)
 
 
+def _verdict(t: Dict) -> str:
+    return "**met**" if t.get("met") else "**not met**"
+
+
+def _per_seed(t: Dict, unit: str) -> str:
+    cells = [f"seed {s}: {_n(n)} of {ref:.0f} ({_pct(sv)})" for s, n, ref, sv in t["per_seed"]]
+    return f"  - per seed ({unit} needed of the reference's, saving; n/a = not reached or nothing learnt): " + ", ".join(cells)
+
+
+def _target_lines(t: Dict) -> List[str]:
+    out = []
+    v, o, e = t.get("volumes"), t.get("organs"), t.get("entropy")
+    if v:
+        if v["degenerate"]:
+            out.append(f"- **No measurable saving**: random selection ended at Dice {v['target_dice']:.3f}, no better "
+                       f"than the starting model ({v['start_dice']:.3f}); every arm 'reaches' it with no annotation.")
+        out.append(f"- Volumes ({_verdict(v)}; target: >= 40% fewer in >= 4 of 5 seeds): random reaches "
+                   f"{v['target_dice']:.3f} with {v['reference_spent']:.0f} revised volumes; importance (whole volume) "
+                   f"needs {_n(v['needed'])} on the mean curve -> saving {_pct(v['saving'])}; >= 40% in "
+                   f"{v['seeds_met']} of {len(v['per_seed'])} seeds.")
+        out.append(_per_seed(v, "volumes"))
+    if o:
+        out.append(f"- Organs ({_verdict(o)}; target: >= 40% fewer): whole-volume importance reaches "
+                   f"{o['target_dice']:.3f} with {o['reference_spent']:.0f} revised organs; organ-level importance "
+                   f"needs {_n(o['needed'])} on the mean curve -> saving {_pct(o['saving'])}.")
+        out.append(_per_seed(o, "organs"))
+    if e:
+        out.append(f"- Mean entropy (no target): needs {_n(e['needed'])} volumes to reach random's final Dice "
+                   f"-> saving {_pct(e['saving'])}; >= 40% in {e['seeds_met']} of {len(e['per_seed'])} seeds.")
+    return out or ["- (the arms needed for the target comparison were not run)"]
+
+
 def summary_markdown(rows: List[Dict], meta: Dict) -> str:
-    t = target_comparison(rows)
     out = [f"# Active-learning simulation: `{meta.get('config', '?')}`", ""]
     for k in ("command", "machine", "date", "wall_s", "seeds", "starting model", "time spent"):
         if k in meta:
             out.append(f"- {k}: {meta[k]}")
-    out += ["", "Test mean Dice (mean ± sd over seeds) after each round; last columns: annotation spent at the end.",
-            "", summary_table(rows), ""]
-    out += ["## Target", "",
+    out += ["", "Test mean Dice after each round: mean over seeds [bootstrap 95% interval, resampling seeds and "
+            "test volumes]; last columns: annotation spent at the end.", "", summary_table(rows), ""]
+    out += ["## Targets", "",
             "Annotation needed to reach a Dice = where the curve (Dice against cumulative annotation, rounds joined "
-            "by straight lines) first reaches it. Target Dice = random selection's Dice at the end of its budget.", ""]
-    v, o = t.get("volumes"), t.get("organs")
-    if (v or o) and (v or o)["degenerate"]:
-        x = v or o
-        out.append(f"- **No measurable saving**: random selection ended at Dice {x['target_dice']:.3f}, no better than "
-                   f"the starting model ({x['start_dice']:.3f}), so every arm 'reaches' the target with no annotation "
-                   "and a saving would mean nothing. The revisions did not improve the model at this scale.")
-    if v:
-        out.append(f"- Volumes: random reaches {v['target_dice']:.3f} with {v['random_volumes']:.0f} revised volumes; "
-                   f"importance needs {_n(v['importance_volumes'])} → saving {_pct(v['saving'])} (target ≥ 40%).")
-        ps = [f"seed {s}: {_n(n)} ({_pct(sv)})" for s, n, sv in v["per_seed"]]
-        reached = [sv for _, _, sv in v["per_seed"] if sv is not None]
-        spread = (f"; mean {_pct(float(np.mean(reached)))} ± {100 * float(np.std(reached, ddof=1)):.0f}% over "
-                  f"{len(reached)} seeds" if len(reached) > 1 else "")
-        out.append(f"  - per seed (each against its own random run; n/a = not reached, or random did not improve "
-                   f"on the starting model): {', '.join(ps)}{spread}")
-    if o:
-        out.append(f"- Organs: to reach {o['target_dice']:.3f}, importance with whole-volume revision needs "
-                   f"{_n(o['whole_organs'])} revised organs, importance with organ-level revision needs "
-                   f"{_n(o['organ_level_organs'])} → saving {_pct(o['saving'])} (target ≥ 40%); random spent "
-                   f"{o['random_organs']:.0f} (saving against it {_pct(o['saving_vs_random'])}).")
-        ps = [f"seed {s}: {_n(n)} vs {_n(w)} ({_pct(sv)})" for s, n, w, sv in o["per_seed"]]
-        out.append(f"  - per seed (organ-level vs whole-volume): {', '.join(ps)}")
-    if not v and not o:
-        out.append("- (the arms needed for the target comparison were not run)")
+            "by straight lines) first reaches it.", ""]
+    out += _target_lines(target_comparison(rows))
     out.append("")
     return "\n".join(out)

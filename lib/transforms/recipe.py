@@ -75,7 +75,25 @@ PRESETS: Dict[str, Recipe] = {
     "recipe": Recipe(),
     # sw_batch_size 16: fastest of 4 and 16 for all three networks on an H200 (issue 13).
     "fast": Recipe(overlap=0.5, sw_batch_size=16, amp="bf16"),
+    # The offline demo's starter weights (scripts/prepare_sample.py): a coarse grid and a small window,
+    # so a SegResNet trained for a few CPU minutes on phantoms segments them. Not for the released
+    # SuPreM weights, which were trained on the recipe's 1.5 mm grid.
+    "demo": Recipe(spacing=(4.0, 4.0, 6.0), roi=(32, 24, 32), overlap=0.25),
 }
+
+
+def recipe_fit(trained: Dict, recipe: Recipe) -> Optional[str]:
+    """Why weights trained with ``trained`` (a checkpoint sidecar's ``spacing`` and ``roi``) do not fit
+    ``recipe``; None when they fit or the sidecar does not say."""
+    spacing, roi = trained.get("spacing"), trained.get("roi")
+    if spacing is None or roi is None:
+        return None
+    if [float(s) for s in spacing] == [float(s) for s in recipe.spacing] and [int(r) for r in roi] == list(recipe.roi):
+        return None
+    return (f"trained on a {'x'.join(f'{s:g}' for s in spacing)} mm grid with a {'x'.join(str(r) for r in roi)} window"
+            f"{' (preset ' + trained['preset'] + ')' if trained.get('preset') else ''}, but the server runs "
+            f"{'x'.join(f'{s:g}' for s in recipe.spacing)} mm with {'x'.join(str(r) for r in recipe.roi)}: "
+            "its segmentations will be poor")
 
 
 def inference_pre_transforms(recipe: Recipe, keys: str = "image") -> List:

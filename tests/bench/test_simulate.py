@@ -29,7 +29,8 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("simulation")
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "simulate.py"), "--config", "tiny", "--out", str(out)],
+        [sys.executable, os.path.join(REPO, "bench", "simulate.py"), "--config", "tiny", "--out", str(out),
+         "--starter-cache", str(out / "starters")],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -38,7 +39,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_config_is_two_rounds_of_two_strategies_on_one_seed():
     assert TINY.rounds == 2 and len(TINY.seeds) == 1
-    assert {s for s, _ in TINY.arms} == {"importance", "random"}
+    assert {s for s, _ in TINY.arms} == {"importance", "random", "entropy"}
 
 
 def test_csv_has_one_consistent_row_per_seed_strategy_and_round(tiny_run):
@@ -79,6 +80,10 @@ def test_csv_has_one_consistent_row_per_seed_strategy_and_round(tiny_run):
         organ_values = [float(r[f"dice_{o}"]) for o in ORGANS if r[f"dice_{o}"] != ""]
         assert organ_values and all(0.0 <= v <= 1.0 for v in organ_values)
         assert math.isclose(mean, float(np.mean(organ_values)), abs_tol=1e-3)
+        # The per-volume table the intervals resample gives back the row's mean.
+        table = report.volume_table(r)
+        assert table.shape == (TINY.n_test, len(ORGANS))
+        assert math.isclose(mean, report._mean_dice(table), abs_tol=1e-3)
 
 
 def test_png_is_a_valid_image_and_summary_states_the_target(tiny_run):
@@ -90,7 +95,8 @@ def test_png_is_a_valid_image_and_summary_states_the_target(tiny_run):
     img = mpimg.imread(str(png))
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
     summary = (tiny_run / "summary.md").read_text()
-    assert "## Target" in summary and "random" in summary and "Volumes:" in summary
+    assert "## Targets" in summary and "random" in summary and "- Volumes (" in summary and "- Organs (" in summary
+    assert "Mean entropy" in summary and "bootstrap 95% interval" in summary
     assert not (tiny_run / "work").exists(), "scratch phantoms and models are removed"
 
 
@@ -105,24 +111,64 @@ def test_annotation_to_reach_interpolates_between_rounds():
     assert report.annotation_to_reach([0, 1, 2, 3], [0.1, 0.5, 0.2, 0.6], 0.3) == pytest.approx(0.5)
 
 
-def test_target_comparison_on_known_curves():
+def _rows(arms, seeds=(0, 1), rounds=4):
+    """Rows of known curves: arms = {(strategy, revision): (volumes per round, organs per round, dice per round)}."""
     rows = []
-    for seed in (0, 1):
-        for rnd in range(4):
-            rows.append({"seed": seed, "strategy": "random", "revision": "volume", "round": rnd,
-                         "volumes_revised": 2 * rnd, "organs_revised": 50 * rnd, "test_mean_dice": 0.1 * rnd})
-            rows.append({"seed": seed, "strategy": "importance", "revision": "volume", "round": rnd,
-                         "volumes_revised": 2 * rnd, "organs_revised": 50 * rnd, "test_mean_dice": 0.2 * rnd})
-            rows.append({"seed": seed, "strategy": "importance", "revision": "organ", "round": rnd,
-                         "volumes_revised": 4 * rnd, "organs_revised": 20 * rnd, "test_mean_dice": 0.15 * rnd})
+    for seed in seeds:
+        for (strategy, revision), (v, o, d) in arms.items():
+            for rnd in range(rounds):
+                dice = d(seed, rnd) if callable(d) else d * rnd
+                rows.append({"seed": seed, "strategy": strategy, "revision": revision, "round": rnd,
+                             "volumes_revised": v * rnd, "organs_revised": o * rnd, "test_mean_dice": dice})
+    return rows
+
+
+def test_target_comparison_on_known_curves():
+    rows = _rows({("random", "volume"): (2, 50, 0.1), ("importance", "volume"): (2, 50, 0.2),
+                  ("importance", "organ"): (4, 20, 0.15), ("entropy", "volume"): (2, 50, 0.1)})
     t = report.target_comparison(rows)
+    # Volumes: random ends at 0.3 with 6 volumes; importance reaches 0.3 at 3 volumes: 50% fewer.
     assert t["volumes"]["target_dice"] == pytest.approx(0.3)
-    assert t["volumes"]["importance_volumes"] == pytest.approx(3.0)
+    assert t["volumes"]["needed"] == pytest.approx(3.0)
     assert t["volumes"]["saving"] == pytest.approx(0.5)
-    assert t["organs"]["whole_organs"] == pytest.approx(75.0)
-    assert t["organs"]["organ_level_organs"] == pytest.approx(40.0)
-    assert t["organs"]["saving"] == pytest.approx(1 - 40 / 75)
-    assert "saving 50%" in report.summary_markdown(rows, {"config": "test"})
+    assert t["volumes"]["seeds_met"] == 2 and t["volumes"]["met"]
+    # Organs: whole-volume importance ends at 0.6 with 150 organs; organ-level reaches only 0.45.
+    assert t["organs"]["target_dice"] == pytest.approx(0.6)
+    assert t["organs"]["reference_spent"] == pytest.approx(150.0)
+    assert t["organs"]["needed"] is None and not t["organs"]["met"]
+    assert t["entropy"]["saving"] == pytest.approx(0.0)
+    summary = report.summary_markdown(rows, {"config": "test"})
+    assert "Volumes (**met**" in summary and "saving 50%" in summary and "Organs (**not met**" in summary
+
+
+def test_organ_target_is_the_whole_volume_arms_final_dice_in_organs():
+    rows = _rows({("importance", "volume"): (2, 50, 0.2), ("importance", "organ"): (4, 20, 0.3)})
+    o = report.target_comparison(rows)["organs"]
+    # 0.6 after 150 organs; organ level: 0.6 at round 2 = 40 organs -> 73% fewer.
+    assert o["needed"] == pytest.approx(40.0) and o["saving"] == pytest.approx(1 - 40 / 150) and o["met"]
+
+
+def test_the_volume_target_needs_four_of_five_seeds():
+    # Importance is 50% cheaper in seeds 0-2 and no better than random in seeds 3-4: not met.
+    good = lambda seed, rnd: (0.2 if seed < 3 else 0.1) * rnd  # noqa: E731
+    rows = _rows({("random", "volume"): (2, 50, 0.1), ("importance", "volume"): (2, 50, good)}, seeds=range(5))
+    v = report.target_comparison(rows)["volumes"]
+    assert v["seeds_met"] == 3 and not v["met"]
+    rows = _rows({("random", "volume"): (2, 50, 0.1), ("importance", "volume"): (2, 50, 0.2)}, seeds=range(5))
+    assert report.target_comparison(rows)["volumes"]["met"]
+
+
+def test_bootstrap_interval_resamples_seeds_and_test_volumes():
+    rng = np.random.default_rng(0)
+    same = [np.full((10, 3), 0.5) for _ in range(5)]
+    assert report.bootstrap_interval(same, rng, n=200) == pytest.approx((0.5, 0.5))
+    spread = [rng.uniform(0, 1, size=(10, 3)) for _ in range(5)]
+    point = np.mean([report._mean_dice(t) for t in spread])
+    lo, hi = report.bootstrap_interval(spread, rng, n=500)
+    assert lo < point < hi and hi - lo > 0.05
+    # One seed: the interval comes from its test volumes alone.
+    lo1, hi1 = report.bootstrap_interval(spread[:1], rng, n=500)
+    assert lo1 < report._mean_dice(spread[0]) < hi1 and hi1 - lo1 > 0.05
 
 
 def test_no_saving_is_claimed_when_random_selection_learnt_nothing():
@@ -132,7 +178,7 @@ def test_no_saving_is_claimed_when_random_selection_learnt_nothing():
             rows.append({"seed": 0, "strategy": strategy, "revision": "volume", "round": rnd,
                          "volumes_revised": 2 * rnd, "organs_revised": 50 * rnd, "test_mean_dice": d})
     t = report.target_comparison(rows)
-    assert t["volumes"]["degenerate"] and t["volumes"]["saving"] is None
+    assert t["volumes"]["degenerate"] and t["volumes"]["saving"] is None and not t["volumes"]["met"]
     assert "No measurable saving" in report.summary_markdown(rows, {"config": "test"})
 
 
