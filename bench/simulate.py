@@ -1,19 +1,23 @@
-"""Active-learning simulation (issue 5): test Dice against annotation spent, per strategy.
+"""Active-learning simulation (issues 5, 15): test Dice against annotation spent, per strategy.
 
-    .venv/bin/python bench/simulate.py --config small            # CPU, < 30 min
-    .venv/bin/python bench/simulate.py --config tiny --out /tmp/sim   # seconds-to-minutes smoke run
-    .venv/bin/python bench/simulate.py --config gpu              # larger, for a GPU machine
+    .venv/bin/python bench/simulate.py --config small --jobs 2         # CPU, about 40 min on 2 cores
+    .venv/bin/python bench/simulate.py --config tiny --out /tmp/sim   # a smoke run of a few minutes
+    .venv/bin/python bench/simulate.py --config gpu --device cuda     # the recipe's grid, for a GPU
 
 Per seed: phantom CTs (``lib/data``) in an unlabeled pool and a held-out test set, both of mixed sites
 (A-D: contrast phase, noise, spacing, field of view) with a minority of hard cases; a starting
 SegResNet trained with the project's trainer on a few volumes of one site (the "pre-trained backbone",
-shared by all seeds). Per arm (strategy x revision mode), each round: the strategy picks volumes, a
-simulated annotator revises them (the whole volume = ground truth; or organ-level = the model's
-prediction with the first organs of the importance priority replaced by ground truth), the backbone
-retrains from the previous round's model on all final labels, and the test Dice is measured.
+trained once, cached under bench/out/starters by its settings, shared by all seeds: ``bench/starter.py``
+reports its test Dice). Per arm (strategy x revision mode), each round: the strategy picks volumes
+(``importance``: the app's score and strategy; ``random``; ``entropy``: mean entropy, MONAI Label's
+``Epistemic`` strategy), a simulated annotator revises them (the whole volume = ground truth; or
+organ-level = the listed organs, through the app's datastore, trained on those organs only), the
+backbone retrains from the previous round's model on all final labels, and the test Dice is measured
+through the app's infer task.
 
-Writes to ``--out``: ``rounds.csv`` (every round), ``dice_vs_annotation.png``, ``summary.md`` (the
-target comparison), ``config.json``. Deterministic by seed.
+Writes to ``--out``: ``rounds.csv`` (every round, with each test volume's Dice per organ),
+``dice_vs_annotation.png`` (bootstrap 95% bands), ``summary.md`` (the issue's targets, met or not),
+``config.json``. Deterministic by seed.
 """
 
 from __future__ import annotations
@@ -86,10 +90,15 @@ def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str,
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
 
-    ctx = loop.prepare_seed(cfg, seed, work, starter, log)
-    rows: List = []
-    for strategy, revision in cfg.arms:
-        rows += loop.run_arm(cfg, ctx, strategy, revision, log)
+    try:
+        ctx = loop.prepare_seed(cfg, seed, work, starter, log)
+        rows: List = []
+        for strategy, revision in cfg.arms:
+            rows += loop.run_arm(cfg, ctx, strategy, revision, log)
+    except Exception as e:  # a worker's exception may not survive pickling (fastapi's HTTPException does not)
+        import traceback
+
+        raise RuntimeError(f"seed {seed} failed:\n{traceback.format_exc()}") from None
     if not keep_work:
         shutil.rmtree(ctx.folder, ignore_errors=True)
     return rows

@@ -46,7 +46,7 @@ def site_dice(model, studies) -> dict:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="small", help="a bench/simulation/config.py preset (default small)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -54,6 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the test set's seed")
     ap.add_argument("--fresh", action="store_true", help="retrain even if cached")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--starter-cache", help="where trained starters are kept (default bench/out/starters)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "starter_test"))
     args = ap.parse_args(argv)
 
@@ -73,7 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
 
     out = os.path.join(os.path.abspath(args.out), f"{cfg.name}_{cfg.starter_key()}")
-    starter = loop.cached_starter(cfg, os.path.join(out, "work"), log, fresh=args.fresh)
+    starter = loop.cached_starter(cfg, os.path.join(out, "work"), log, cache=args.starter_cache or loop.STARTER_CACHE,
+                                  fresh=args.fresh)
     test = make_studies(os.path.join(out, "test"), os.path.join(out, "test_gt"), "test", args.test, args.seed, cfg)
     model = loop.Model(cfg, os.path.join(out, "model"), starter, os.path.join(out, "split.json"))
     dice = site_dice(model, test)
@@ -85,8 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     log(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,6 @@
 """The simulated annotator: revises a volume by writing its final label into the datastore.
 
-Whole-volume revision: the final label is the ground truth. Organ-level revision: the model's
+Whole-volume revision: the final label is the ground truth of the app's organs. Organ-level revision: the model's
 prediction, with the listed organs replaced by their ground truth (voxels the model gave to a listed
 organ are cleared, then the organ's true voxels painted); the other organs keep the model's answer,
 and the save names the listed organs as ``revised`` (the app's datastore then keeps organs revised
@@ -47,20 +47,24 @@ class SimulatedAnnotator:
 
         organs None: the whole volume; otherwise only those organs (organ-level revision).
         """
-        gt_path = self.gt[image_id]
-        if organs is None:
-            datastore.save_label(image_id, gt_path, "final", {"revision": "volume"})
+        gt_img = nib.load(self.gt[image_id])
+        gt = np.asarray(gt_img.dataobj)
+        if organs is None:  # the ground truth of the app's organs (the app refuses other classes)
+            label = np.where(np.isin(gt, [CLASS_INDEX[o] for o in self.labels]), gt, 0).astype(np.uint8)
+            self._save(datastore, image_id, label, gt_img.affine, {"revision": "volume"})
             return len(self.labels)
         organs = [o for o in organs if o in CLASS_INDEX]
         if not organs:  # nothing flagged: nothing to revise (the app refuses an empty list)
             return 0
-        gt_img = nib.load(gt_path)
-        gt = np.asarray(gt_img.dataobj)
-        pred = self.predict(datastore.get_image_uri(image_id))
-        label = organ_revision(pred, gt, organs)
-        tmp = os.path.join(self.tmp_dir, f"{image_id}.nii.gz")
-        nib.save(nib.Nifti1Image(label, gt_img.affine), tmp)
+        label = organ_revision(self.predict(datastore.get_image_uri(image_id)), gt, organs)
         # The app's Submit Label params: only these organs were revised; the rest is the model's answer.
-        datastore.save_label(image_id, tmp, "final", {"revision": "organ", "revised": list(organs)})
-        os.remove(tmp)
+        self._save(datastore, image_id, label, gt_img.affine, {"revision": "organ", "revised": list(organs)})
         return len(organs)
+
+    def _save(self, datastore, image_id: str, label: np.ndarray, affine, params: Dict) -> None:
+        tmp = os.path.join(self.tmp_dir, f"{image_id}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), tmp)
+        try:
+            datastore.save_label(image_id, tmp, "final", params)
+        finally:
+            os.remove(tmp)

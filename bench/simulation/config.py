@@ -123,10 +123,10 @@ PRESETS: Dict[str, SimConfig] = {
         organs_per_volume=5,
         iters_per_round=2,
     ),
-    # Issue 15's CPU benchmark (the 2-core VM, about 40 min with --jobs 2): a starter that segments
-    # (atlas9 on a 3 mm grid; a 32x24x32 window, smaller than the working grid so crops move: with
-    # 24x16x24 the starter reached test Dice 0.12-0.25, bench/RESULTS.md), five seeds, and a pool from
-    # which a round takes one volume in eight.
+    # Issue 15's CPU benchmark (the 2-core VM, --jobs 2): a starter that segments (atlas9 on a 3 mm
+    # grid; a 32x24x32 window, smaller than the working grid so crops move: with 24x16x24 the starter
+    # reached test Dice 0.12-0.25, bench/RESULTS.md), five seeds, 10 test volumes, and a pool of 16 from
+    # which each round takes 2 volumes (the CPU's budget: a larger pool did not fit in 45 minutes).
     "small": SimConfig(
         name="small",
         seeds=(0, 1, 2, 3, 4),
@@ -143,14 +143,14 @@ PRESETS: Dict[str, SimConfig] = {
         starter_site="A",
         starter_seed=9101,
         labels="atlas9",
-        n_pool=24,
+        n_pool=16,
         n_test=10,
         hard_fraction=0.3,
         rounds=3,
-        volumes_per_round=3,
-        organ_volumes_per_round=6,
+        volumes_per_round=2,
+        organ_volumes_per_round=4,
         organs_per_volume=3,
-        iters_per_round=30,
+        iters_per_round=20,
         finetune_lr=1e-3,
     ),
     # For a GPU: the recipe's grid and window, bigger pool, more rounds and seeds.
