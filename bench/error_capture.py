@@ -219,6 +219,13 @@ def _spearman(rows: List[Dict], a: str, b: str) -> float:
     return float(spearmanr(x, y).statistic) if x.std() > 0 and y.std() > 0 else float("nan")
 
 
+def _by(rows: List[Dict], key: str) -> Dict[str, List[Dict]]:
+    groups: Dict[str, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r)
+    return groups
+
+
 def why_lines(rows: List[Dict]) -> List[str]:
     """The evidence for why attention does or does not find the errors (see the module docstring)."""
     error = sum(r["error_voxels"] for r in rows) or 1
@@ -235,6 +242,15 @@ def why_lines(rows: List[Dict]) -> List[str]:
              f"{_spearman(rows, 'surface_voxels', 'error_voxels'):.2f}. Spearman of attention with size "
              f"{_spearman(rows, 'attention', 'true_voxels'):.2f}, with surface "
              f"{_spearman(rows, 'attention', 'surface_voxels'):.2f}.",
+             f"- Within one organ (size held roughly fixed), Spearman with the error voxels: "
+             + "; ".join(f"{organ} attention {_spearman(g, 'attention', 'error_voxels'):.2f}, raw uncertainty "
+                         f"{_spearman(g, 'raw_uncertain_voxels', 'error_voxels'):.2f}"
+                         for organ, g in sorted(_by(rows, "organ").items())) + " (nan: no attention at all).",
+             f"- Spearman with 1 - Dice (an error measure that does not grow with size): attention "
+             f"{_spearman(rows, 'attention', 'one_minus_dice'):.2f}, raw uncertainty "
+             f"{_spearman(rows, 'raw_uncertain_voxels', 'one_minus_dice'):.2f}, mean entropy "
+             f"{_spearman(rows, 'mean_entropy', 'one_minus_dice'):.2f}, predicted size "
+             f"{_spearman(rows, 'predicted_voxels', 'one_minus_dice'):.2f}.",
              "", "| group | units | share of error voxels | share of attention | mean 1 - Dice |", "|---|---|---|---|---|"]
     attention = sum(r["attention"] for r in rows) or 1.0
     groups: Dict[str, List[Dict]] = {}
@@ -252,7 +268,7 @@ def why_lines(rows: List[Dict]) -> List[str]:
 
 def write_outputs(rows: List[Dict], out: str, meta: Dict) -> str:
     rankings = ["attention", "attention_binary", "attention_normalised", *TERMS, "raw_uncertain_voxels",
-                "mean_entropy", "random", "oracle"]
+                "mean_entropy", "predicted_voxels", "random", "oracle"]
     table = capture_table(rows, rankings)
     with open(os.path.join(out, "units.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -303,6 +319,16 @@ def starters(cfg, n_models: int, work: str, log, cache: Optional[str] = None) ->
             for k in range(n_models)]
 
 
+def _report_only(out: str) -> int:
+    with open(os.path.join(out, "units.csv"), newline="") as f:
+        rows = [{k: (v if k in ("volume", "site", "hard", "organ") else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    print(write_outputs(rows, out, meta))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="small", help="a bench/simulation/config.py preset (default small)")
@@ -316,7 +342,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--released", metavar="DIR",
                     help="score with the released SuPreM files in DIR (the three backbones; GPU) instead of starters")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--report-only", action="store_true", help="only rewrite capture.md/png from OUT/units.csv")
     args = ap.parse_args(argv)
+    if args.report_only:
+        return _report_only(os.path.abspath(args.out))
 
     import torch
 
@@ -351,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "units": len(rows), "labels": cfg.labels, "wall_s": round(time.time() - start),
             "model files": ", ".join(os.path.basename(m) for m in models),
             "settings": json.dumps({k: cfg.as_dict()[k] for k in ("shape", "grid_mm", "roi", "starter_iters")})}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
     print(write_outputs(rows, out, meta))
     return 0
 
