@@ -297,9 +297,11 @@ def _plot(rows: List[Dict], rankings: Sequence[str], path: str) -> None:
     error = np.array([r["error_voxels"] for r in rows], float)
     x = np.linspace(0.01, 1.0, 100)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name in rankings:
+    colours = plt.get_cmap("tab20").colors
+    for k, name in enumerate(rankings):
         y = x if name == "random" else curve(error if name == "oracle" else np.array([r[name] for r in rows], float), error)
-        ax.plot(x * 100, y * 100, label=name, lw=2 if name in ("attention", "oracle", "random") else 1)
+        ax.plot(x * 100, y * 100, label=name, color=colours[(2 * k) % 20 + (2 * k >= 20)],
+                lw=2 if name in ("attention", "oracle", "random") else 1, ls="--" if name in ("random", "oracle") else "-")
     ax.set_xlabel("units revised, % (volume x organ, by ranking)")
     ax.set_ylabel("error voxels captured, %")
     ax.legend(fontsize=7)
