@@ -89,7 +89,7 @@ class Tasks:
 
     def info(self) -> Dict:
         info = {"conf": conf_summary(self.cfg), "weights": self.registry.summary()}
-        for b, why in weights_misfits(self.registry, self.cfg).items():
+        for b, why in weights_misfits(self.registry, self.cfg, info["weights"]).items():
             info["weights"][b]["misfit"] = why
         if self.rounds is not None:
             info["rounds"] = self.rounds.info()
@@ -98,12 +98,13 @@ class Tasks:
         return {"suprem": info}
 
 
-def weights_misfits(registry: WeightsRegistry, cfg: AppConfig) -> Dict[str, str]:
+def weights_misfits(registry: WeightsRegistry, cfg: AppConfig, infos: Optional[Dict[str, Dict]] = None) -> Dict[str, str]:
     """Backbone -> why its weights do not fit the server's recipe (grid, window): released SuPreM weights
-    were trained on the recipe preset's; starter weights say in their sidecar what they were trained on."""
+    were trained on the recipe preset's; starter weights say in their sidecar what they were trained on.
+    ``infos``: the registry's summary when the caller has just read it (else it is read here)."""
     out = {}
     for b in cfg.models:
-        info = registry.info(b)
+        info = infos[b] if infos is not None and b in infos else registry.info(b)
         base = registry.weights[b].base_source if b in registry.weights else "none"
         source = "fine-tuned" if "base" in info else base  # a fine-tuned model's sidecar does not say its grid
         trained = info if source == "starter" else {}
