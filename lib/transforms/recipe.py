@@ -125,8 +125,8 @@ def training_transforms(
     """Training pre-processing: the inference recipe on image and label, then the SuPreM crops/augments.
 
     ``label_map``: optional {source id: SuPreM index} for labels with other ids (e.g. TotalSegmentator).
-    Crops: ``num_samples`` random ``roi`` crops, foreground:background 2:1. Output label: one binary
-    channel per class in ``class_indices``.
+    Crops: ``num_samples`` random ``roi`` crops, foreground:background 2:1, each of shape ``roi`` (so they
+    batch). Output label: one binary channel per class in ``class_indices``.
     """
     from monai.transforms import (
         MapLabelValued,
@@ -155,12 +155,16 @@ def training_transforms(
         SpatialPadd(keys=keys, spatial_size=roi),
     ]
     if augment:
-        t += [
-            RandCropByPosNegLabeld(
-                keys=keys, label_key="label", spatial_size=roi, pos=2, neg=1, num_samples=num_samples, image_key="image"
-            ),
-            RandRotate90d(keys=keys, prob=0.1, max_k=3),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.2),
-        ]
+        crop = RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=roi, pos=2, neg=1, num_samples=num_samples, image_key="image"
+        )
+        rotate = RandRotate90d(keys=keys, prob=0.1, max_k=3)  # in the axial plane (spatial axes 0, 1)
+        if roi[0] == roi[1]:
+            t += [crop, rotate]  # the recipe's order
+        else:
+            # A quarter turn of a crop whose axial plane is not square changes its shape, and crops of
+            # different shapes cannot be batched: turn the volume, pad it again, then crop.
+            t += [rotate, SpatialPadd(keys=keys, spatial_size=roi), crop]
+        t += [RandShiftIntensityd(keys="image", offsets=0.1, prob=0.2)]
     t += [LabelToChannelsd(keys="label", class_indices=class_indices), EnsureTyped(keys=keys, dtype="float32")]
     return t

@@ -124,3 +124,22 @@ def test_a_working_grid_smaller_than_the_window_is_warned_about(tmp_path, caplog
         Compose(training_transforms(RECIPE, classes, RECIPE.roi, augment=False))(dict(files))
     warned = [r.getMessage() for r in caplog.records if "smaller than the training window" in r.getMessage()]
     assert len(warned) == 1 and "ph_13" in warned[0] and "(16, 16, 16)" in warned[0], warned
+
+
+def test_every_crop_has_the_window_shape_when_its_axial_plane_is_not_square(tmp_path):
+    """A quarter turn of a 32x24x32 crop would make it 24x32x32, and the batch of crops then cannot be
+    stacked (the demo's window trains two crops a step)."""
+    write_phantom(make_phantom(14, shape=(48, 48, 32), spacing_mm=(3.0, 3.0, 4.0)), str(tmp_path), "ph_14")
+    files = {"image": str(tmp_path / "ph_14.nii.gz"), "label": str(tmp_path / "labels" / "final" / "ph_14.nii.gz")}
+    roi = (16, 8, 16)
+    crops = Compose(training_transforms(Recipe(spacing=(4.0, 4.0, 4.0), roi=roi), [CLASS_INDEX["liver"]], roi,
+                                        num_samples=2))
+    turned = 0
+    for seed in range(40):  # a quarter turn has probability 0.1 * 2/3 per draw
+        crops.set_random_state(seed)
+        batch = crops(dict(files))
+        assert [tuple(c["image"].shape[1:]) for c in batch] == [roi] * 2
+        assert [tuple(c["label"].shape[1:]) for c in batch] == [roi] * 2
+        turned += any("RandRotate90d" in str(op.get("class", "")) and op.get("do_transforms")
+                      for c in batch for op in c["image"].applied_operations)
+    assert turned, "no draw turned the volume: the test did not exercise the rotation"
