@@ -20,6 +20,10 @@ class ContBatchNorm3d(nn.modules.batchnorm._BatchNorm):
     enter the output, in ``eval()`` mode too. Reproducing the released logits therefore requires
     batch statistics at inference; using the running statistics gives a different network.
 
+    In eval mode each sample of the batch is normalised with its own statistics: the recipe slides
+    one window at a time, so a window batched with others (``sw_batch_size`` > 1) must get what it
+    gets alone, or the batch size would change the segmentation and not only the speed.
+
     Running statistics are still updated in training mode (so checkpoints saved after fine-tuning
     carry the same kind of buffers as the released ones) but not in eval mode, where updating them
     would mutate the model on every inference call without changing any output.
@@ -31,11 +35,12 @@ class ContBatchNorm3d(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        track = self.training and self.track_running_stats
+        if not self.training:  # per sample: batch statistics of a batch of one
+            return F.instance_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return F.batch_norm(
             input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
             self.weight,
             self.bias,
             True,  # batch statistics, always

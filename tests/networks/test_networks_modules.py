@@ -38,20 +38,42 @@ def test_swin_unetr_uses_legacy_patch_merging_in_every_stage():
 
 
 def test_cont_batch_norm_uses_batch_statistics_in_eval_mode_and_leaves_running_stats():
+    """Eval: each sample with its own statistics (what it gets in a batch of one, as the recipe slides
+    its windows), never the running ones. Training: the statistics of the whole batch."""
     torch.manual_seed(0)
     bn = ContBatchNorm3d(3)
     with torch.no_grad():
         bn.running_mean.fill_(5.0)
         bn.running_var.fill_(9.0)
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
     x = torch.randn(2, 3, 4, 4, 4) * 2 + 1
+    x[1] = x[1] * 3 - 4  # the two samples' statistics differ
     bn.eval()
     y = bn(x)
-    expected = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-    assert torch.allclose(y, expected, atol=1e-6)
+    alone = torch.cat([F.batch_norm(x[i : i + 1], None, None, bn.weight, bn.bias, True, 0.0, bn.eps) for i in range(2)])
+    joint = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    assert torch.allclose(y, alone, atol=1e-5)
+    assert torch.allclose(bn(x[1:]), alone[1:], atol=1e-5)
+    assert not torch.allclose(y, joint, atol=1e-2)
     assert torch.all(bn.running_mean == 5.0) and torch.all(bn.running_var == 9.0)
     bn.train()
-    assert torch.allclose(bn(x), expected, atol=1e-6)
+    assert torch.allclose(bn(x), joint, atol=1e-5)
     assert not torch.all(bn.running_mean == 5.0)  # training still tracks statistics
+
+
+def test_released_unet_gives_a_window_the_same_logits_alone_and_in_a_batch():
+    """sw_batch_size changes the speed, not the segmentation (the `fast` preset batches 16 windows)."""
+    from lib.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network("unet").eval()
+    windows = torch.rand(2, 1, 32, 32, 32)
+    windows[1] = windows[1] * 0.3 + 0.5  # another part of the body: other statistics
+    with torch.no_grad():
+        batched = net(windows)
+        alone = torch.cat([net(windows[i : i + 1]) for i in range(2)])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
 
 
 class _FixedFeatures(nn.Module):
