@@ -78,7 +78,9 @@ PRESETS: Dict[str, Recipe] = {
     # The offline demo's starter weights (scripts/prepare_sample.py): a coarse grid and a small window,
     # so a SegResNet trained for a few CPU minutes on phantoms segments them. Not for the released
     # SuPreM weights, which were trained on the recipe's 1.5 mm grid.
-    "demo": Recipe(spacing=(4.0, 4.0, 6.0), roi=(32, 24, 32), overlap=0.25),
+    # Four windows a forward pass: on a CPU PyTorch runs the 3-D convolutions of one window this small
+    # with its own slow kernel, and of a batch with oneDNN (4x faster per window, bench/RESULTS.md).
+    "demo": Recipe(spacing=(4.0, 4.0, 6.0), roi=(32, 24, 32), overlap=0.25, sw_batch_size=4),
 }
 
 
