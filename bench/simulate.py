@@ -189,8 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"starter: given {starter}")
         starter_note = f"given: {starter}"
     else:
+        torch.set_num_threads(max(1, args.threads * args.jobs))  # the seeds' processes have not started yet
         starter = loop.cached_starter(cfg, work, log, cache=args.starter_cache or loop.STARTER_CACHE,
                                       fresh=args.fresh_starter)
+        torch.set_num_threads(max(1, args.threads))
         starter_note = f"{starter} (trained once with the settings it is keyed by; {time.time() - t:.0f} s here)"
 
     organs = loop.labels_of(cfg)

@@ -65,6 +65,7 @@ class SimConfig:
     pseudo_weight: float = 0.0  # loss weight of organs not revised in a label (the app's --conf pseudo_weight)
     sites: Tuple[str, ...] = ("A", "B", "C", "D")
     starter_seed: int = 9000
+    sw_batch_size: int = 1  # windows per forward pass when inferring and scoring (speed only)
 
     def __post_init__(self):
         for strategy, revision in self.arms:
@@ -109,7 +110,8 @@ PRESETS: Dict[str, SimConfig] = {
         grid_mm=(4.5, 4.5, 7.5),
         roi=(16, 8, 16),
         overlap=0.25,
-        num_samples=1,
+        num_samples=2,
+        sw_batch_size=8,
         lr=3e-3,
         n_starter=2,
         starter_iters=4,
@@ -136,7 +138,10 @@ PRESETS: Dict[str, SimConfig] = {
         grid_mm=(3.0, 3.0, 5.0),
         roi=(32, 24, 32),
         overlap=0.25,
-        num_samples=1,
+        # Two crops a step and four windows a forward pass: on a CPU, PyTorch runs the 3-D convolutions
+        # of one small sample with its own slow kernel and of a batch with oneDNN (3-4x faster here).
+        num_samples=2,
+        sw_batch_size=4,
         lr=3e-3,
         n_starter=8,
         starter_iters=1000,

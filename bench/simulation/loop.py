@@ -49,7 +49,8 @@ Log = Callable[[str], None]
 
 
 def recipe_of(cfg: SimConfig) -> Recipe:
-    return Recipe(spacing=tuple(cfg.grid_mm), roi=tuple(cfg.roi), overlap=cfg.overlap, sw_batch_size=1, amp="none")
+    return Recipe(spacing=tuple(cfg.grid_mm), roi=tuple(cfg.roi), overlap=cfg.overlap,
+                  sw_batch_size=cfg.sw_batch_size, amp="none")
 
 
 def labels_of(cfg: SimConfig) -> List[str]:
