@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", default=None, help="folder holding the released .pth files")
     p.add_argument("--model-dir", default=os.path.join(root, "apps", "suprem", "model"))
     p.add_argument("--download", action="store_true", help="download missing released weights")
-    p.add_argument("--preset", default="recipe", choices=("recipe", "fast"))
+    p.add_argument("--preset", default="recipe", choices=tuple(PRESETS))
     p.add_argument("--overlap", type=float, default=None)
     p.add_argument("--sw-batch-size", type=int, default=None)
     p.add_argument("--amp", default=None, choices=AMP_MODES)
