@@ -52,4 +52,5 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
+# --durations: the slowest tests, so a suite that grows past its budget says where the time went.
+exec .venv/bin/python -m pytest -p no:cacheprovider --durations=30 "$@"
