@@ -1,6 +1,6 @@
 """Active-learning simulation (issues 5, 15): test Dice against annotation spent, per strategy.
 
-    .venv/bin/python bench/simulate.py --config small --jobs 2         # CPU, about 40 min on 2 cores
+    .venv/bin/python bench/simulate.py --config small --jobs 2         # CPU, about 30 min on 2 cores
     .venv/bin/python bench/simulate.py --config tiny --out /tmp/sim   # a smoke run of a few minutes
     .venv/bin/python bench/simulate.py --config gpu --device cuda     # the recipe's grid, for a GPU
 

@@ -1,4 +1,4 @@
-"""Presets of the active-learning simulation: ``tiny`` (the test), ``small`` (a CPU, < 30 min), ``gpu``."""
+"""Presets of the active-learning simulation: ``tiny`` (the test), ``small`` (2 CPU cores, 30 min), ``gpu``."""
 
 from __future__ import annotations
 
