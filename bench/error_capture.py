@@ -98,17 +98,12 @@ def seed_scorer(cfg, starters: Sequence[str], device: str = "cpu"):
 
 
 def working_grid_truth(recipe, image: str, label: str) -> np.ndarray:
-    """The ground-truth label map on the scorer's working grid (same steps as the image, nearest)."""
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
-                                  ScaleIntensityRanged, Spacingd)
+    """The ground-truth label map on the scorer's working grid (the recipe's steps, the label nearest)."""
+    from monai.transforms import Compose
 
-    keys = ("image", "label")
-    data = Compose([
-        LoadImaged(keys=keys), EnsureChannelFirstd(keys=keys), Orientationd(keys=keys, axcodes="RAS"),
-        Spacingd(keys=keys, pixdim=recipe.spacing, mode=("bilinear", "nearest")),
-        ScaleIntensityRanged(keys="image", a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
-    ])({"image": image, "label": label})
+    from lib.transforms.recipe import labelled_pre_transforms
+
+    data = Compose(labelled_pre_transforms(recipe))({"image": image, "label": label})
     return np.asarray(data["label"][0]).astype(np.int64)
 
 

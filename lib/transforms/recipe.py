@@ -116,6 +116,28 @@ def inference_pre_transforms(recipe: Recipe, keys: str = "image") -> List:
     ]
 
 
+def labelled_pre_transforms(recipe: Recipe, label_map=None) -> List:
+    """An image file and its label file onto the working grid: the inference recipe on both (the label
+    resampled nearest, so its values stay class ids). ``label_map``: optional {source id: SuPreM index}
+    for labels with other ids (e.g. TotalSegmentator)."""
+    from monai.transforms import MapLabelValued
+
+    keys = ("image", "label")
+    t = [
+        LoadImaged(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+    ]
+    if label_map:
+        src = sorted(label_map)
+        t.append(MapLabelValued(keys="label", orig_labels=src, target_labels=[label_map[s] for s in src]))
+    return t + [
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=recipe.spacing, mode=("bilinear", "nearest")),
+        ScaleIntensityRanged(keys="image", a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+    ]
+
+
 def training_transforms(
     recipe: Recipe,
     class_indices,
@@ -130,29 +152,12 @@ def training_transforms(
     Crops: ``num_samples`` random ``roi`` crops, foreground:background 2:1, each of shape ``roi`` (so they
     batch). Output label: one binary channel per class in ``class_indices``.
     """
-    from monai.transforms import (
-        MapLabelValued,
-        RandCropByPosNegLabeld,
-        RandRotate90d,
-        RandShiftIntensityd,
-        SpatialPadd,
-    )
+    from monai.transforms import RandCropByPosNegLabeld, RandRotate90d, RandShiftIntensityd, SpatialPadd
 
     from .labels import LabelToChannelsd
 
     keys = ("image", "label")
-    t = [
-        LoadImaged(keys=keys),
-        EnsureChannelFirstd(keys=keys),
-    ]
-    if label_map:
-        src = sorted(label_map)
-        t.append(MapLabelValued(keys="label", orig_labels=src, target_labels=[label_map[s] for s in src]))
-    t += [
-        Orientationd(keys=keys, axcodes="RAS"),
-        Spacingd(keys=keys, pixdim=recipe.spacing, mode=("bilinear", "nearest")),
-        ScaleIntensityRanged(keys="image", a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+    t = labelled_pre_transforms(recipe, label_map) + [
         WarnIfSmallerThand(keys="image", size=roi),
         SpatialPadd(keys=keys, spatial_size=roi),
     ]
