@@ -58,7 +58,10 @@ def _same(rec):
     return {k: rec.get(k) for k in SAME}
 
 
-def test_ray_local_scores_a_folder_like_the_inprocess_path(tmp_path, scorer, local_ray):
+def test_ray_local_scores_a_folder_like_the_inprocess_path(tmp_path, local_ray):
+    # The demo's coarse grid, four windows a pass: the engines are compared, not the recipe's grid.
+    scorer = VolumeScorer(["segresnet"], synthetic_registry(tmp_path), LABEL_SETS["atlas25"],
+                          PRESETS["demo"].with_overrides(overlap=0.0), device="cpu")
     studies = _studies(tmp_path / "studies", 4, bad=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each 1-CPU Ray worker: same kernels, same numbers
