@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # MONAI's dataset progress bars, before tqdm is imported
 
@@ -65,14 +65,21 @@ def _parse_arms(text: Optional[str]):
     return tuple(arms)
 
 
+def _write_report(rows, meta: Dict, out: str) -> str:
+    """The PNG and summary.md of ``rows`` in ``out``; returns the summary (made once: its bootstrap is
+    the slow part)."""
+    report.plot(rows, os.path.join(out, "dice_vs_annotation.png"), title=f"{meta.get('config', '')}:")
+    text = report.summary_markdown(rows, meta)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def _report_only(out: str) -> int:
     rows = report.read_csv(os.path.join(out, "rounds.csv"))
     with open(os.path.join(out, "run.json")) as f:
         meta = json.load(f)
-    report.plot(rows, os.path.join(out, "dice_vs_annotation.png"), title=f"{meta.get('config', '')}:")
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(report.summary_markdown(rows, meta))
-    print(report.summary_markdown(rows, meta))
+    print(_write_report(rows, meta, out))
     return 0
 
 
@@ -203,7 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.write_csv(rows, organs, csv_path)  # partial results survive an interruption
     rows.sort(key=lambda r: (r["seed"], cfg.arms.index((r["strategy"], r["revision"])), r["round"]))
     report.write_csv(rows, organs, csv_path)
-    report.plot(rows, os.path.join(out, "dice_vs_annotation.png"), title=f"{cfg.name}:")
     wall = time.time() - start
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {
@@ -219,13 +225,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(report.summary_markdown(rows, meta))
+    summary = _write_report(rows, meta, out)
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     log(f"done in {wall:.0f} s: {csv_path}, {os.path.join(out, 'dice_vs_annotation.png')}, "
         f"{os.path.join(out, 'summary.md')}")
-    print(report.summary_markdown(rows, meta))
+    print(summary)
     return 0
 
 
