@@ -35,6 +35,29 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 
 
+@dataclass(frozen=True)
+class TaskSwitches:
+    """Which of MONAI Label's optional task kinds this app builds. MONAI Label's own switches
+    (``MONAI_LABEL_TASKS_TRAIN`` / ``_SCORING`` / ``_STRATEGY``) only hide a kind from ``/info/``; here a
+    kind switched off (there, or by ``skip_trainers`` / ``skip_scoring`` / ``skip_strategies``) is not
+    built, so nothing (rounds included) can run it."""
+
+    train: bool = True
+    scoring: bool = True
+    strategy: bool = True
+
+
+def monailabel_switches() -> TaskSwitches:
+    """MONAI Label's task switches, as its settings read them from the environment."""
+    from monailabel.config import settings
+
+    return TaskSwitches(
+        train=bool(settings.MONAI_LABEL_TASKS_TRAIN),
+        scoring=bool(settings.MONAI_LABEL_TASKS_SCORING),
+        strategy=bool(settings.MONAI_LABEL_TASKS_STRATEGY),
+    )
+
+
 @dataclass
 class Tasks:
     cfg: AppConfig
@@ -47,9 +70,12 @@ class Tasks:
     state_dir: str = ""
     rounds: Optional[RoundManager] = None
     datastore: Optional[Callable[[], Any]] = None
+    switches: TaskSwitches = TaskSwitches()
 
     def start_rounds(self, datastore: Callable[[], Any]) -> RoundManager:
-        """Create the round manager (log in the state folder) and the ``round`` train task."""
+        """Create the round manager (log in the state folder) and the ``round`` train task. With training
+        switched off the manager keeps the log and counts labels, but runs no round (interrupted ones
+        included) and there is no ``round`` task."""
         backbone_trainers = {b: t for b, t in self.trainers.items() if b in self.cfg.models}
         self.datastore = datastore
 
@@ -65,6 +91,7 @@ class Tasks:
             interval_s=self.cfg.round_interval_s,
             list_labels=lambda: labeled_images_now(datastore()),  # as saved now, by any process
             requeue_interrupted=True,  # a round cut short by a stop or a crash runs again at the next start
+            off=None if self.switches.train else "training is switched off (MONAI_LABEL_TASKS_TRAIN or skip_trainers)",
         )
         if backbone_trainers:
             self.trainers["round"] = RoundTrainTask(self.rounds.trigger, self.rounds.info)
@@ -117,10 +144,44 @@ def weights_misfits(registry: WeightsRegistry, cfg: AppConfig, infos: Optional[D
     return out
 
 
-def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
-    cfg = parse_conf(conf)
-    model_dir = cfg.model_dir or os.path.join(app_dir, "model")
-    os.makedirs(model_dir, exist_ok=True)
+def effective_switches(cfg: AppConfig, switches: Optional[TaskSwitches] = None) -> TaskSwitches:
+    """MONAI Label's switches (default: its settings) and the conf's ``skip_*`` keys: off in either is off."""
+    on = switches or monailabel_switches()
+    return TaskSwitches(
+        train=on.train and not cfg.skip_trainers,
+        scoring=on.scoring and not cfg.skip_scoring,
+        strategy=on.strategy and not cfg.skip_strategies,
+    )
+
+
+def fine_tuning_tasks(cfg: AppConfig, registry: WeightsRegistry, model_dir: str, state_dir: str, cache_dir) -> Dict:
+    """Backbone -> its train task, for the backbones with weights: fine-tuning one from nothing would
+    publish an untrained model."""
+    return {
+        b: SuPreMTrainer(
+            b,
+            registry,
+            cfg.labels,
+            cfg.recipe,
+            model_dir=model_dir,
+            split_file=os.path.join(state_dir, "split.json"),
+            roi=cfg.train_roi,  # None: the recipe's window, as the infer task slides it
+            max_epochs=cfg.train_epochs,
+            num_samples=cfg.train_num_samples,
+            val_fraction=cfg.val_fraction,
+            label_map=cfg.train_label_map,
+            amp=cfg.train_amp,
+            cache_dir=cache_dir,
+            gpus=cfg.train_gpus,
+            pseudo_weight=cfg.pseudo_weight,
+        )
+        for b in cfg.models
+        if registry.available(b)
+    }
+
+
+def resolved_registry(cfg: AppConfig, model_dir: str) -> WeightsRegistry:
+    """The weights of each configured backbone, found (or downloaded) now; misfits logged."""
     registry = WeightsRegistry(
         model_dir,
         validate=validate_checkpoint,
@@ -132,8 +193,19 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
         registry.resolve(b)
     for b, why in weights_misfits(registry, cfg).items():
         logger.warning(f"{b}: {why}")
+    return registry
+
+
+def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Optional[TaskSwitches] = None) -> Tasks:
+    """Every task of the app from its conf. ``switches``: MONAI Label's (default: its settings); a kind
+    switched off there or by the conf's ``skip_*`` keys is not built."""
+    cfg = parse_conf(conf)
+    on = effective_switches(cfg, switches)
+    model_dir = cfg.model_dir or os.path.join(app_dir, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    registry = resolved_registry(cfg, model_dir)
     cache = NetworkCache()
-    tasks = Tasks(cfg=cfg, registry=registry, cache=cache)
+    tasks = Tasks(cfg=cfg, registry=registry, cache=cache, switches=on)
     for b in cfg.models:
         tasks.infers[b] = SuPreMSegmentation([b], registry, cfg.labels, cfg.recipe, cache)
     tasks.infers["ensemble"] = SuPreMSegmentation(
@@ -157,34 +229,16 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str]) -> Tasks:
         cache_dir=cache_dir,
     )
     tasks.infers["attention"] = AttentionInfer(scorer)
-    if not cfg.skip_trainers:
-        # Only backbones with weights: fine-tuning one from nothing would publish an untrained model.
-        for b in [m for m in cfg.models if registry.available(m)]:
-            tasks.trainers[b] = SuPreMTrainer(
-                b,
-                registry,
-                cfg.labels,
-                cfg.recipe,
-                model_dir=model_dir,
-                split_file=os.path.join(state_dir, "split.json"),
-                roi=cfg.train_roi,  # None: the recipe's window, as the infer task slides it
-                max_epochs=cfg.train_epochs,
-                num_samples=cfg.train_num_samples,
-                val_fraction=cfg.val_fraction,
-                label_map=cfg.train_label_map,
-                amp=cfg.train_amp,
-                cache_dir=cache_dir,
-                gpus=cfg.train_gpus,
-                pseudo_weight=cfg.pseudo_weight,
-            )
-    if not cfg.skip_scoring:
+    if on.train:
+        tasks.trainers.update(fine_tuning_tasks(cfg, registry, model_dir, state_dir, cache_dir))
+    if on.scoring:
         ray_options = (
             dict(address=cfg.ray_address, workers=cfg.ray_workers, gpus_per_worker=cfg.ray_gpus_per_worker)
             if cfg.scoring_engine == "ray"
             else {}
         )
         tasks.scoring["importance"] = ImportanceScoring(scorer, engine=make_engine(scorer, cfg.scoring_engine, **ray_options))
-    if not cfg.skip_strategies:
+    if on.strategy:
         tasks.strategies.update(
             {
                 "importance": ImportanceStrategy(hold_s=cfg.hold_s, organs_per_sample=cfg.organs_per_sample),

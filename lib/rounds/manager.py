@@ -81,6 +81,9 @@ class RoundManager:
 
     When the process is stopping (``lib.stopping``) no round starts, and a round cut short by the stop is
     logged ``interrupted``: ``interrupt()`` marks the one running in this process at once.
+
+    ``off``: why rounds are off (e.g. MONAI Label's train tasks are switched off), None when they are on.
+    Off, no trigger runs a round (none of the above does), labels are still counted and the log still read.
     """
 
     def __init__(
@@ -91,7 +94,9 @@ class RoundManager:
         interval_s: float = 0,
         list_labels: Optional[Callable[[], Sequence[str]]] = None,
         requeue_interrupted: bool = False,
+        off: Optional[str] = None,
     ):
+        self.off = off
         self.state_dir = os.path.abspath(state_dir)
         os.makedirs(self.state_dir, exist_ok=True)
         self.run_round = run_round
@@ -121,6 +126,9 @@ class RoundManager:
         """
         if not self.log.mark_interrupted() and self.busy():
             logger.info("rounds: a round is running in another process; its entry is left as it is")
+        if self.off:
+            logger.info(f"rounds: off ({self.off}); no round runs, interrupted ones included")
+            return self
         if self.interval_s > 0 and self._timer is None:
             self._stop.clear()
             self._timer = threading.Thread(target=self._interval_loop, name="round-interval", daemon=True)
@@ -189,13 +197,17 @@ class RoundManager:
             "labels_since_round": len(self._read_counter()["ids"]),
             "every_labels": self.every_labels,
             "interval_s": self.interval_s,
+            "off": self.off,
         }
 
     # --- triggers -----------------------------------------------------------------------------------
     def trigger(self, reason: str, wait: bool = False) -> str:
         """Ask for a round. Returns "started" (this call runs it: in a daemon thread, or before returning
         when ``wait``), "queued" / "already queued" (a round is running; one more follows it) or
-        "skipped" (there are no final labels)."""
+        "skipped" (there are no final labels, rounds are off, or the process is stopping)."""
+        if self.off:
+            logger.info(f"round ({reason}) not started: rounds are off ({self.off})")
+            return SKIPPED
         if stop_requested():
             logger.info(f"round ({reason}) not started: {stop_reason()}")
             return SKIPPED
@@ -234,7 +246,7 @@ class RoundManager:
             counter["ids"][str(image_id)] = counter["seq"]
             write_json_atomic(self.counter_path, counter)
         n = len(counter["ids"])
-        if self.every_labels > 0 and n >= self.every_labels:
+        if self.every_labels > 0 and n >= self.every_labels and not self.off:
             logger.info(f"rounds: {n} new final labels since the last round (every {self.every_labels})")
             return self.trigger("labels")
         return None

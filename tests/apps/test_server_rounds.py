@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 
 from lib.data.phantoms import make_phantom, write_phantom
+from lib.importance.records import INFO_KEY
 from lib.weights import RELEASED_FILES
 from support import Server, copy_into, shared_path, write_synthetic_checkpoint
 
@@ -116,18 +119,46 @@ def test_a_server_killed_mid_round_keeps_the_old_model_and_the_next_round_runs(t
         srv.kill()
         srv.stop()
     assert published.read_bytes() == before, "the published model is untouched"
-    srv2 = Server(str(studies), dict(conf, train_epochs="1"), str(tmp_path)).wait_ready()
+    _training_off_runs_no_round(studies, truth, conf, tmp_path)
+    # Training on again, scoring switched off (MONAI Label's switch, its auto scoring on).
+    scoring_off = {"MONAI_LABEL_TASKS_SCORING": "false", "MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}
+    srv2 = Server(str(studies), dict(conf, train_epochs="1"), str(tmp_path), env=scoring_off).wait_ready()
     try:
         client = MONAILabelClient(srv2.url, tmpdir=str(tmp_path))
-        log = json.load(open(studies / ".suprem" / "rounds" / "rounds.json"))
-        entries = log if isinstance(log, list) else log["rounds"]
-        assert entries[0]["round"] == 1 and entries[0]["status"] == "interrupted", entries
-        client.save_label("ph_2", truth["ph_2"], tag="final")  # no label is lost across the crash
-        assert set(client.datastore()["objects"]) >= {"ph_0", "ph_1", "ph_2"}
+        assert set(client.datastore()["objects"]) >= {"ph_0", "ph_1", "ph_2"}  # no label is lost across the crash
         # The start ran the interrupted round again (its labels were still new).
         last = _wait_round(client, 2)
         assert last["status"] == "done" and last["trigger"] == "resumed round 1", last
-        assert last["labels_used"] >= 2
+        assert last["labels_used"] == 3
         assert published.read_bytes() != before
+        # Scoring switched off: the round re-scored nothing, and no scoring process ran.
+        assert last["rescored"] == 0, last
+        assert not any(INFO_KEY in _image_info(client, i) for i in ("ph_3", "totalseg_ct"))
+        with pytest.raises(urllib.error.HTTPError) as no_task:
+            urllib.request.urlopen(srv2.url + "/scoring/?all=true", timeout=30)
+        assert no_task.value.code == 404  # MONAI Label: "No Scoring Tasks Found"
     finally:
         srv2.stop()
+
+
+def _image_info(client, image_id):
+    return client.datastore()["objects"][image_id]["image"].get("info", {})
+
+
+def _training_off_runs_no_round(studies, truth, conf, work):
+    """MONAI Label's train tasks switched off: the interrupted round is not run again at start, and a saved
+    final label with round_every_labels 1 starts none; the label is counted, the log kept."""
+    conf = dict(conf, train_epochs="1", round_every_labels="1")
+    srv = Server(str(studies), conf, str(work), env={"MONAI_LABEL_TASKS_TRAIN": "false"}).wait_ready()
+    try:
+        client = MONAILabelClient(srv.url, tmpdir=str(work))
+        assert client.info()["trainers"] == {}
+        client.save_label("ph_2", truth["ph_2"], tag="final")
+        assert _rounds(client)["labels_since_round"] >= 1  # the save reached the round manager
+        time.sleep(15)  # a round started by the start or the save would be logged within a second or two
+        rounds = _rounds(client)
+        assert rounds["current"] is None and rounds["rounds"] == 1 and rounds["last"]["round"] == 1, rounds
+        assert not (work / "model" / "train_segresnet" / "round_002").exists()
+        assert rounds["off"] and rounds["last"]["status"] == "interrupted"
+    finally:
+        srv.stop()

@@ -275,6 +275,23 @@ def test_start_runs_an_interrupted_round_again_only_while_its_labels_are_still_n
     assert [e["status"] for e in m.log.entries()] == ["interrupted", "done", "interrupted"]
 
 
+def test_rounds_switched_off_run_no_round_yet_count_labels_and_keep_the_log(tmp_path):
+    m, rec, _ = make(tmp_path)
+    cut = m.log.start("labels", ["a", "b"])["round"]
+    m.log.interrupt(cut, "the server was killed")  # its labels are new: a start with rounds on runs it again
+    off = "training is switched off"
+    m, rec, _ = make(tmp_path, every_labels=1, interval_s=0.05, requeue_interrupted=True, off=off)
+    m.start()
+    assert m.label_saved("a") is None  # one new label, every_labels 1
+    assert m.trigger("demand") == "skipped"
+    time.sleep(0.3)  # several intervals
+    assert m.join(5)
+    m.stop()
+    assert [e["status"] for e in m.log.entries()] == ["interrupted"]
+    assert read_records(rec.record) == []
+    assert m.labels_since_round() == ["a"] and m.info()["off"] == off
+
+
 def test_start_leaves_a_round_running_in_another_live_process_alone(tmp_path):
     state = str(tmp_path / "state")
     proc, log = start_hanging_round(state)
