@@ -11,16 +11,16 @@ import pickle
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, Iterable, List, Optional
 
 import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from lib.classes import CLASS_INDEX, SUPREM_CLASSES
 from lib.errors import refuse_path_characters
@@ -105,19 +105,55 @@ class CheckedLocalDatastore(LocalDatastore):
     subprocess (a round) stores importance scores. MONAI Label writes its in-memory copy whole, so a
     writer whose copy is older than the file erases what the other wrote (labels saved during a round
     vanished from the record when the round stored its scores). Here every change is made under the
-    file lock on the file's current content.
+    file lock on the file's current content, the reconcile with the files on disk included; a listing
+    first reloads what another process wrote; and a record reloaded or reconciled is swapped in whole,
+    so a listing made meanwhile (the file watcher of MONAI Label's auto reload runs on its own thread)
+    sees every label saved before it.
     """
 
-    def __init__(self, *args, allowed_labels: Iterable[int] = (), **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, datastore_path: str, *args, allowed_labels: Iterable[int] = (), **kwargs):
+        # One lock object per datastore: re-entrant in a thread (a reconcile reloads and writes under it),
+        # exclusive across threads and processes. MONAI Label's own ``FileLock(...)`` calls each open a new
+        # lock, which blocks even the thread that holds another.
+        self._file_lock = FileLock(os.path.join(datastore_path, ".lock"))
+        self._file_stat: Optional[tuple] = None  # of the datastore file as last read or written here
+        super().__init__(datastore_path, *args, **kwargs)
         self.allowed_labels = sorted(int(a) for a in allowed_labels)
         # The organs a Submit Label may name as revised: the label set, in SuPreM order.
         self.label_names = [SUPREM_CLASSES[i - 1] for i in self.allowed_labels if 0 < i <= len(SUPREM_CLASSES)]
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
-        if image_id:
-            refuse_path_characters(image_id, "image id")
-        return super().add_image(image_id, image_filename, image_info)
+        """MONAI Label's add, made on the file's current record under the lock (MONAI Label's adds to
+        the record this process last read) and with the image written whole before it is listed."""
+        image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+        refuse_path_characters(image_id, "image id")
+        _, image_ext = self._to_id(os.path.basename(image_filename))
+        name = self._filename(image_id, image_ext)
+        with self._writing():
+            with atomic_path(os.path.join(self._datastore.image_path(), name)) as tmp:
+                shutil.copyfile(image_filename, tmp)
+            info = dict(image_info or {}, ts=int(time.time()), name=name)
+            objects = dict(self._datastore.objects, **{image_id: ImageLabelModel(image=DataModel(info=info, ext=image_ext))})
+            self._datastore = self._datastore.model_copy(update={"objects": objects})  # swapped, not resized in place
+        logger.info(f"image {image_id!r} added")
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        """MONAI Label's removal, then the record reconciled at once (MONAI Label leaves that to its
+        file watcher when auto reload is on, so the next listing still showed the image)."""
+        super().remove_image(image_id)
+        self.refresh()
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        super().remove_label(label_id, label_tag)
+        self.refresh()
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        with self._writing():
+            label = self._datastore.label(label_id, label_tag)
+            if not label:
+                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
+            label.info.update(info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         """Check, then store. A final label's params may name the organs revised (``{"revised": [...]}``;
@@ -207,13 +243,30 @@ class CheckedLocalDatastore(LocalDatastore):
                 out.append(image_id)
         return out
 
+    def revised_by_image(self) -> Dict[str, List[str]]:
+        """Image file (real path, as ``datalist`` names it) -> the organs revised in its final label: what
+        the trainer masks its loss with. Kept out of ``datalist``, whose every key MONAI Label takes for a
+        file (the dataset download). Read it after ``datalist`` so that it covers every pair listed."""
+        model = self._datastore  # one snapshot: a reload swaps the record whole
+        image_dir, out = model.image_path(), {}
+        for image_id, obj in model.filter_by_tag(DefaultLabelTag.FINAL).items():
+            path = os.path.realpath(os.path.join(image_dir, self._filename(image_id, obj.image.ext)))
+            out[path] = revised_in((obj.labels[DefaultLabelTag.FINAL].info or {}).get(ORGANS_KEY), self.label_names)
+        return out
+
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
-        """MONAI Label's image/label pairs, each with ``revised``: the organs revised in that label."""
-        items = super().datalist(full_path)
-        finals = self._datastore.filter_by_tag(DefaultLabelTag.FINAL).values()  # the order MONAI Label used
-        for item, obj in zip(items, finals):
-            item["revised"] = revised_in((obj.labels[DefaultLabelTag.FINAL].info or {}).get(ORGANS_KEY), self.label_names)
-        return items
+        """MONAI Label's image/label pairs, as the file holds them now."""
+        self._init_from_datastore_file()
+        return super().datalist(full_path)
+
+    def json(self):
+        """The whole record, as the file holds it now (a train or scoring process may have written it)."""
+        self._init_from_datastore_file()
+        return super().json()
+
+    def status(self) -> Dict[str, Any]:
+        self._init_from_datastore_file()
+        return super().status()
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         with self._writing():
@@ -247,8 +300,7 @@ class CheckedLocalDatastore(LocalDatastore):
         """MONAI Label's write of the datastore file (in place, so its file watchers see it), serialised
         by pydantic: ``json.dumps(indent=2)`` runs the pure-Python encoder, about 0.3 s for 1,000 scored
         images, and MONAI Label writes the file on every Next Sample and every saved label."""
-
-        def write():
+        with self._file_lock if lock else nullcontext():
             try:
                 text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2)
             except Exception:  # a value pydantic cannot serialise: MONAI Label's way (str() of it)
@@ -257,35 +309,110 @@ class CheckedLocalDatastore(LocalDatastore):
             with uninterrupted():  # a stop signal must not leave the record truncated (stored scores lost)
                 with open(self._datastore_config_path, "w") as f:
                     f.write(text)
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()
+            st = os.stat(self._datastore_config_path)
+            self._file_stat, self._config_ts = _stat_key(st), st.st_mtime
+            # The kernel stamps modification times at its clock tick (1-10 ms): a write by the next
+            # holder of the lock within this tick could leave size and time alike, and its change unseen.
+            time.sleep(max(0.0, st.st_mtime + _CLOCK_TICK_S - time.time()))
 
     @contextmanager
     def _writing(self):
         """Hold the datastore lock, start from the file as it is now, and write the change back."""
-        with FileLock(self._lock_file):
+        with self._file_lock:
             self._reload_if_changed()
             yield
             self._update_datastore_file(lock=False)
 
+    def _init_from_datastore_file(self, throw_exception=False):
+        """MONAI Label's reload of the record from the file when another writer changed it, with this
+        datastore's lock (MONAI Label's blocks a thread that holds this one) and change check."""
+        try:
+            with self._file_lock:
+                self._reload_if_changed()
+        except ValueError as e:
+            logger.error(f"+++ Failed to load datastore => {e}")
+            if throw_exception:
+                raise
+
     def _reload_if_changed(self) -> None:
-        """MONAI Label's reload from the datastore file when another writer changed it (caller holds the
-        lock; MONAI Label's own reload takes it and would wait on us)."""
+        """Replace the record with the file's when another writer changed the file (caller holds the
+        lock). The record is swapped whole, never emptied and refilled: a reader meanwhile sees the old
+        record or the new one."""
         path = self._datastore_config_path
         if not os.path.exists(path):
             return
-        ts = os.stat(path).st_mtime
-        if ts == self._config_ts:
+        st = os.stat(path)
+        if _stat_key(st) == self._file_stat:
             return
         with open(path) as f:
             model = LocalDatastoreModel.model_validate_json(f.read())
         model.base_path = self._datastore_path
-        self._datastore, self._config_ts = model, ts
+        self._datastore, self._file_stat, self._config_ts = model, _stat_key(st), st.st_mtime
+
+    def _reconcile_datastore(self):
+        """MONAI Label's reconcile (images and labels added or removed on disk), under the lock on the
+        file's current record, swapping in a new record only when something changed. MONAI Label's runs
+        on the record this process last read and writes it back whole, so a train or scoring process
+        starting up erased labels the server saved meanwhile, and it empties and refills the live record,
+        so a listing meanwhile missed labels."""
+        with self._file_lock:
+            self._reload_if_changed()
+            model = self._datastore
+            label_tags = [t for t in os.listdir(model.label_path(None)) if os.path.isdir(model.label_path(t))]
+            on_disk = {tag: self._list_files(model.label_path(tag), self._extensions) for tag in label_tags}
+            new, changes = reconciled(
+                model,
+                image_names=set(os.listdir(model.image_path())),
+                new_images=self._list_files(model.image_path(), self._extensions),
+                label_names={tag: set(os.listdir(model.label_path(tag))) for tag in label_tags},
+                new_labels=on_disk,
+                to_id=self._to_id,
+            )
+            logger.info(f"Invalidate count: {changes}")
+            if changes:
+                self._datastore = new
+                self._update_datastore_file(lock=False)
+
+
+_CLOCK_TICK_S = 0.01
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def reconciled(model: LocalDatastoreModel, image_names, new_images, label_names, new_labels, to_id):
+    """(a new record, number of changes): ``model`` without the images and labels whose files are gone
+    (``image_names``, ``label_names[tag]``: the files in each folder) and with the image and label files
+    not listed yet (``new_images``, ``new_labels[tag]``: the files matching the datastore's extensions).
+    Objects that do not change are shared with ``model``; ``model`` itself is not changed."""
+    now, changes, objects = int(time.time()), 0, {}
+    for image_id, obj in model.objects.items():
+        if image_id + obj.image.ext not in image_names:
+            changes += 1
+            continue
+        labels = {t: lab for t, lab in obj.labels.items() if image_id + lab.ext in label_names.get(t, ())}
+        changes += len(obj.labels) - len(labels)
+        objects[image_id] = obj if len(labels) == len(obj.labels) else ImageLabelModel(image=obj.image, labels=labels)
+    for name in new_images:
+        image_id, ext = to_id(name)
+        if image_id not in objects:
+            objects[image_id] = ImageLabelModel(image=DataModel(info={"ts": now, "name": image_id + ext}, ext=ext))
+            changes += 1
+    for tag, names in new_labels.items():
+        for name in names:
+            label_id, ext = to_id(name)
+            obj = objects.get(label_id)
+            if obj is None or obj.labels.get(tag):
+                continue
+            labels = dict(obj.labels, **{tag: DataModel(info={"ts": now, "name": label_id + ext}, ext=ext)})
+            objects[label_id] = ImageLabelModel(image=obj.image, labels=labels)
+            changes += 1
+    if not changes:
+        return model, 0
+    new = model.model_copy(update={"objects": objects})
+    new.base_path = model.base_path
+    return new, changes
 
 
 def _squeeze(label: np.ndarray) -> np.ndarray:

@@ -180,9 +180,11 @@ class SuPreMTrainer(BasicTrainTask):
         """The datastore's image/label pairs, each with its channel mask (``REVISED_KEY``): the organs
         revised in that label (every organ where the datastore keeps no organ records)."""
         datalist = []
-        for item in datastore.datalist():
+        pairs = datastore.datalist()
+        revised_by_image = getattr(datastore, "revised_by_image", dict)()  # after datalist: it covers every pair
+        for item in pairs:
             item = dict(item)
-            revised = item.pop(REVISED_KEY, None)
+            revised = revised_by_image.get(os.path.realpath(item["image"]))
             revised = set(self.label_names if revised is None else revised)
             item[REVISED_KEY] = [1.0 if n in revised else 0.0 for n in self.label_names]
             datalist.append(item)

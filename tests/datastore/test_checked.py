@@ -70,3 +70,61 @@ def test_dicomweb_refuses_partial_revision_before_anything_reaches_the_pacs():
     with pytest.raises(Exception) as e:  # a whole-volume save goes on to the PACS (and fails here)
         ds.save_label("1.2.3", "/nonexistent.nii.gz", "final", {"revised": LABEL_SETS["atlas25"]})
     assert not isinstance(e.value, HTTPException) or e.value.status_code != 422
+
+
+def test_a_reconcile_in_another_process_does_not_erase_a_label_saved_meanwhile(tmp_path):
+    import shutil
+    import threading
+
+    studies, label = _studies(tmp_path)
+    server, scoring_process = _open(studies), _open(studies)
+    shutil.copyfile(studies / "im0.nii.gz", studies / "im9.nii.gz")  # a study added: the reconcile has work
+    write = scoring_process._update_datastore_file
+    saving = []
+
+    def save_while_reconciling(lock=True):  # the server's save lands between the reconcile's read and write
+        if not saving:
+            saving.append(threading.Thread(target=server.save_label, args=("im0", label, "final", {"client_id": "a-1"})))
+            saving[0].start()
+            saving[0].join(timeout=1.0)  # held off by the reconcile's lock, or already done
+        return write(lock)
+
+    scoring_process._update_datastore_file = save_while_reconciling
+    scoring_process.refresh()
+    saving[0].join()
+    record = json.load(open(studies / "datastore_v2.json"))["objects"]
+    assert "im9" in record
+    assert record["im0"]["labels"]["final"]["info"]["client_id"] == "a-1"
+    assert "final" in server.json()["objects"]["im0"]["labels"]
+
+
+def test_reconcile_builds_a_new_record_and_leaves_the_one_being_read_whole(tmp_path):
+    studies, label = _studies(tmp_path)
+    ds = _open(studies)
+    ds.save_label("im0", label, "final", {})
+    ds.save_label("im1", label, "final", {})
+    before = ds._datastore  # what a listing in another thread is reading
+    (studies / "labels" / "final" / "im1.nii.gz").unlink()
+    (studies / "im2.nii.gz").unlink()
+    ds.refresh()
+    assert sorted(k for k, v in before.objects.items() if v.labels.get("final")) == ["im0", "im1"]
+    assert sorted(before.objects) == ["im0", "im1", "im2"]
+    assert ds.get_labeled_images() == ["im0"] and sorted(ds.list_images()) == ["im0", "im1"]
+    assert sorted(json.load(open(studies / "datastore_v2.json"))["objects"]) == ["im0", "im1"]
+
+
+def test_datalist_items_are_image_label_pairs_and_revised_organs_come_apart(tmp_path):
+    import os
+
+    studies, label = _studies(tmp_path)
+    ds = _open(studies)
+    ds.save_label("im1", label, "final", {"revised": ["liver"]})
+    ds.save_label("im2", label, "final", {})
+    # The record's order and the datalist's need not agree: reversed here on purpose.
+    ds._datastore.objects = dict(reversed(list(ds._datastore.objects.items())))
+    items = ds.datalist()
+    assert all(set(d) == {"image", "label"} for d in items) and len(items) == 2
+    revised = ds.revised_by_image()
+    by_name = {os.path.basename(d["image"]): revised[os.path.realpath(d["image"])] for d in items}
+    assert by_name["im1.nii.gz"] == ["liver"]
+    assert by_name["im2.nii.gz"] == ds.label_names
