@@ -6,17 +6,34 @@ import copy
 import logging
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.datastore import ranked_pool
+from lib.datastore import ranked_pool, revised_organs
 from lib.importance.records import Ranked, is_scored
 
 logger = logging.getLogger(__name__)
 
 WHOLE = "*"  # a hold on the whole image (not on some of its organs)
+# Client ids that do not tell annotators apart: none sent (MONAI Label's Python client sends its own
+# ``client_id``, None unless given to its constructor) and 3D Slicer's default "Client/User-ID".
+UNIDENTIFIED = {"", "none", "anonymous", "user-xyz"}
+
+Pick = Tuple[str, Dict, List[str]]  # (image, record, organs to name)
+
+
+class Hold(NamedTuple):
+    client: Optional[str]  # None: a request that did not say who asked
+    since: float  # time.time() of the hand-out (or of the holder's last ask)
+    revised: Optional[List[str]]  # the image's revised organs at hand-out (None: no final label then)
+
+
+def client_of(request: Dict) -> Optional[str]:
+    """The annotator asking, or None when the request does not tell annotators apart."""
+    client = str(request.get("client_id") or "").strip()
+    return None if client.lower() in UNIDENTIFIED else client
 
 
 class ImportanceStrategy(Strategy):
@@ -28,29 +45,35 @@ class ImportanceStrategy(Strategy):
     and the whole image is held. What was handed out in the last ``hold_s`` seconds is not handed out
     again, so annotators asking at the same time get different work. Unscored images (or those whose
     scoring failed) come after the scored ones, by id. Returns ``{}`` when nothing is left.
+
+    Asking again is idempotent for an annotator who says who they are (``client_id``): while the work
+    handed to them is not done (no final label saved for the image since, or organs held still
+    unrevised) they get the same image back, renewed for ``hold_s``, with its score and organs once
+    scoring has made them. Requests without a client id get new work each time.
     """
 
     def __init__(self, hold_s: float = 1800.0, organs_per_sample: int = 0):
         super().__init__("Highest AbdomenAtlas-8K importance score first, with the organs to revise")
         self.hold_s = hold_s
         self.organs_per_sample = max(0, int(organs_per_sample or 0))
-        self._handed: Dict[str, Dict[str, Tuple[str, float]]] = {}  # image -> {organ or WHOLE: (client, time)}
+        self._handed: Dict[str, Dict[str, Hold]] = {}  # image -> {organ or WHOLE: hold}
         self._lock = threading.Lock()
 
     def __call__(self, request, datastore: Datastore):
-        client = str(request.get("client_id") or "anonymous")
+        client = client_of(request)
         with self._lock:
             now = time.time()
             self._expire(now)
-            whole = {i for i, held in self._handed.items() if WHOLE in held}
-            scored, unscored = ranked_pool(datastore, exclude=whole)
-            pick = self._pick(scored, unscored)
+            scored, unscored = ranked_pool(datastore, exclude=self._held_whole_by_others(client))
+            pick = self._still_held(client, scored, unscored, datastore) if client else None
+            if pick is None:
+                self._release(client)  # an identified annotator's finished work no longer holds anything
+                pick = self._pick(scored, unscored)
             if pick is None:
                 return {}
             image_id, rec, organs = pick
             rec = copy.deepcopy(rec)  # the datastore's own record: the answer must not share it
-            for key in organs if self.organs_per_sample and organs else [WHOLE]:
-                self._handed.setdefault(image_id, {})[key] = (client, now)
+            self._hold(image_id, organs, Hold(client, now, revised_organs(datastore, image_id)))
         out = {"id": image_id, "scored": is_scored(rec)}
         if out["scored"]:
             out.update(
@@ -62,26 +85,76 @@ class ImportanceStrategy(Strategy):
                     "revised": rec.get("revised", []),
                 }
             )
-        logger.info(f"importance: {image_id} for {client} (score {out.get('score', 'none')}, organs {organs})")
+        logger.info(f"importance: {image_id} for {client or 'anonymous'} (score {out.get('score', 'none')}, organs {organs})")
         return out
 
     def _expire(self, now: float) -> None:
         kept = {}
         for image_id, held in self._handed.items():
-            held = {k: v for k, v in held.items() if now - v[1] < self.hold_s}
+            held = {k: h for k, h in held.items() if now - h.since < self.hold_s}
             if held:
                 kept[image_id] = held
         self._handed = kept
 
-    def _pick(self, scored: Ranked, unscored: Ranked) -> Optional[Tuple[str, Dict, List[str]]]:
-        """(image, record, organs to name): the first scored image with work nobody holds, else the
-        first unscored one."""
+    def _held_whole_by_others(self, client: Optional[str]) -> Set[str]:
+        return {i for i, held in self._handed.items() if any(k == WHOLE and (h.client != client or not client) for k, h in held.items())}
+
+    def _still_held(self, client: str, scored: Ranked, unscored: Ranked, datastore) -> Optional[Pick]:
+        """The work ``client`` holds and has not finished, as the image stands now; None when there is none.
+
+        A whole-image hold is finished once a final label was saved for the image after the hand-out (its
+        revised organs changed) or the image left the pool; an organ hold once its organs are revised."""
+        mine = [(image_id, key, h) for image_id, held in self._handed.items() for key, h in held.items() if h.client == client]
+        if not mine:
+            return None
+        image_id = mine[0][0]  # an identified annotator holds one image at a time
+        keys = {key: h for i, key, h in mine if i == image_id}
+        rec = dict(scored).get(image_id)
+        if WHOLE in keys:
+            if revised_organs(datastore, image_id) != keys[WHOLE].revised:
+                return None
+            if rec is None:
+                waiting = dict(unscored)
+                return (image_id, waiting[image_id], []) if image_id in waiting else None
+            return image_id, rec, self._free_organs(image_id, rec, client)  # scored since: now with its organs
+        organs = [o for o in (rec or {}).get("organs", []) if o in keys]
+        return (image_id, rec, organs) if organs else None
+
+    def _free_organs(self, image_id: str, rec: Dict, client: Optional[str] = None) -> List[str]:
+        """The record's organs not held by another annotator, the first K of them when K > 0."""
+        held = self._handed.get(image_id, {})
+        free = [o for o in rec.get("organs", []) if o not in held or (client and held[o].client == client)]
+        return free[: self.organs_per_sample] if self.organs_per_sample else free
+
+    def _pick(self, scored: Ranked, unscored: Ranked) -> Optional[Pick]:
+        """The first scored image with work nobody holds, else the first unscored one."""
         for image_id, rec in scored:
             held = self._handed.get(image_id, {})
-            free = [o for o in rec.get("organs", []) if o not in held]
+            free = self._free_organs(image_id, rec)
             if held and not free:
                 continue  # every organ left is with someone else
-            return image_id, rec, free[: self.organs_per_sample] if self.organs_per_sample else free
+            return image_id, rec, free
         if unscored:
             return unscored[0][0], unscored[0][1], []
         return None
+
+    def _hold(self, image_id: str, organs: List[str], hold: Hold) -> None:
+        """Hold ``organs`` of the image (the whole image when K is 0 or no organs are named yet) for the
+        asking annotator, replacing what that annotator held on it (a whole-image hold on an image
+        scored since becomes a hold on its K organs)."""
+        held = self._handed.setdefault(image_id, {})
+        if hold.client:
+            for key in [k for k, h in held.items() if h.client == hold.client]:
+                del held[key]
+        for key in organs if self.organs_per_sample and organs else [WHOLE]:
+            held[key] = hold
+
+    def _release(self, client: Optional[str]) -> None:
+        if not client:
+            return
+        for image_id in list(self._handed):
+            held = {k: h for k, h in self._handed[image_id].items() if h.client != client}
+            if held:
+                self._handed[image_id] = held
+            else:
+                del self._handed[image_id]
