@@ -8,10 +8,10 @@ this was written on, so by default it runs on the first ``--ref-organs`` organs 
 of its own (both implementations are timed and compared on it), and its time for all organs is
 *estimated* by scaling (printed as such); ``--ref-organs 0`` runs it on all organs.
 
-    python bench/bench_attention.py                      # 25 organs x 3 models, 256x256x400, CPU
-    python bench/bench_attention.py --threads 1          # torch on 1 CPU thread
-    python bench/bench_attention.py --device cuda        # torch on the GPU (reference on the CPU)
-    python bench/bench_attention.py --shape 128 128 100 --organs 10 --ref-organs 0 --layout compact
+    python -m bench.bench_attention                      # 25 organs x 3 models, 256x256x400, CPU
+    python -m bench.bench_attention --threads 1          # torch on 1 CPU thread
+    python -m bench.bench_attention --device cuda        # torch on the GPU (reference on the CPU)
+    python -m bench.bench_attention --shape 128 128 100 --organs 10 --ref-organs 0 --layout compact
 
 Needs ~15 GB of RAM at the default size (the input alone is 7.9 GB of float32).
 """
@@ -22,19 +22,15 @@ import argparse
 import gc
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.classes import SUPREM_CLASSES  # noqa: E402
-from lib.importance.attention import U_THRESHOLD, _active_box, _entropy_floor, compute_attention  # noqa: E402
-from testing.attention_reference import reference_attention  # noqa: E402
+from lib.classes import SUPREM_CLASSES
+from lib.importance.attention import U_THRESHOLD, _active_box, _entropy_floor, compute_attention
+from testing.attention_reference import reference_attention
 
 
 def make_input(shape, n_organs, n_models, seed=0, layout="compact"):

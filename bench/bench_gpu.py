@@ -1,7 +1,7 @@
 """Benchmark: one clinical-size CT on one GPU, scoring step and ensemble infer request, stage by stage.
 
-    python bench/bench_gpu.py                     # on a GPU machine: about 2-3 minutes, no network
-    python bench/bench_gpu.py --smoke             # tiny input, any device: checks the script end to end
+    python -m bench.bench_gpu                     # on a GPU machine: about 2-3 minutes, no network
+    python -m bench.bench_gpu --smoke             # tiny input, any device: checks the script end to end
 
 Input: the shared real CT (../shared/data/totalseg-example/ct.nii.gz, 122x101x30 at 3 mm, 90 mm along
 its axis) extended along its axis by mirroring (the slices, then the same slices reversed, ...) to 336
@@ -42,13 +42,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from bench.machine import machine_facts
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for p in (str(ROOT), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-from machine import machine_facts  # noqa: E402
 
 SHARED_CT = ROOT.parent / "shared" / "data" / "totalseg-example" / "ct.nii.gz"
 BACKBONES = ("unet", "swinunetr", "segresnet")

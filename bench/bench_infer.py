@@ -36,9 +36,9 @@ costs, e.g. ITK's lazy loading in the NIfTI writer, ~5 s here), then one 96^3 wi
 CUDA one per backbone and preset); model loading (build + checkpoint load + move to device) is timed
 separately and reported apart.
 
-    python bench/bench_infer.py                                # CPU, all cases, budgets below
-    python bench/bench_infer.py --device cuda --repeat 3       # GPU run (everything measured)
-    python bench/bench_infer.py --backbones segresnet --presets fast --inputs ct --out bench/RESULTS.md
+    python -m bench.bench_infer                                # CPU, all cases, budgets below
+    python -m bench.bench_infer --device cuda --repeat 3       # GPU run (everything measured)
+    python -m bench.bench_infer --backbones segresnet --presets fast --inputs ct --out bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -58,16 +58,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from bench.machine import machine_facts
+from lib.app import build_tasks
+from lib.networks.inference import autocast
+from lib.networks import BACKBONES
+from lib.transforms.recipe import PRESETS, Recipe
+from lib.weights import RELEASED_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lib.app import build_tasks  # noqa: E402
-from lib.networks.inference import autocast  # noqa: E402
-from lib.networks import BACKBONES  # noqa: E402
-from lib.transforms.recipe import PRESETS, Recipe  # noqa: E402
-from lib.weights import RELEASED_FILES  # noqa: E402
 
 SHARED_CT = ROOT.parent / "shared" / "data" / "totalseg-example" / "ct.nii.gz"
 BIG_SHAPE = (256, 256, 400)
@@ -513,7 +512,7 @@ def render(args, facts, load_before, load_after, ins, presets, needed, sizes, lo
     L: List[str] = []
     L.append(f"### bench_infer.py run, {facts['date']}")
     L.append("")
-    L.append(f"- command: `python bench/bench_infer.py {' '.join(sys.argv[1:])}`".replace("  ", " "))
+    L.append(f"- command: `python -m bench.bench_infer {' '.join(sys.argv[1:])}`".replace("  ", " "))
     L.append(f"- machine: {facts['cpu']}")
     L.append(f"- device: {facts['device']}")
     L.append(f"- software: {facts['software']}")

@@ -23,8 +23,8 @@ per second (all requests / wall time of the phase), p50/p95/max latency, errors.
 README's command does: datastore auto reload on and auto scoring on (MONAI Label queues a scoring run
 after every Next Sample). ``--monailabel-env tests`` uses the test suite's (both off).
 
-    .venv/bin/python bench/bench_load.py                      # 1,000 images, 16 clients
-    .venv/bin/python bench/bench_load.py --images 200 --requests 5 --out /tmp/load.md
+    .venv/bin/python -m bench.bench_load                      # 1,000 images, 16 clients
+    .venv/bin/python -m bench.bench_load --images 200 --requests 5 --out /tmp/load.md
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ from typing import Callable, Dict, List
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.machine import machine_facts
 
-from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run as a script)
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE, SPACING = (16, 16, 16), 2.0
 MODEL = "segresnet"

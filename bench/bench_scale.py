@@ -1,7 +1,7 @@
 """Benchmark: batch scoring at scale: in-process vs Ray, the pre-processing cache, and a round's cost model.
 
-    python bench/bench_scale.py engines [--volumes 8] [--workers 2]     # volumes/min, in-process vs Ray
-    python bench/bench_scale.py cost [--device cuda]                    # cost model of one round
+    python -m bench.bench_scale engines [--volumes 8] [--workers 2]     # volumes/min, in-process vs Ray
+    python -m bench.bench_scale cost [--device cuda]                    # cost model of one round
 
 ``engines``: writes ``--volumes`` synthetic abdominal phantoms (``lib.data.phantoms``, 128x128x96 at
 1.5x1.5x2 mm), then scores the folder with the offline ranking (``lib.importance.rank.rank_folder``, the
@@ -32,16 +32,11 @@ from typing import Dict, List
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-from bench_infer import count_windows, make_big_input  # noqa: E402
-from machine import machine_facts  # noqa: E402
-
-from lib.classes import LABEL_SETS, CLASS_INDEX  # noqa: E402
-from lib.networks import BACKBONES, build_network  # noqa: E402
-from lib.transforms.recipe import PRESETS  # noqa: E402
+from bench.bench_infer import count_windows
+from bench.machine import machine_facts
+from lib.classes import LABEL_SETS, CLASS_INDEX
+from lib.networks import BACKBONES, build_network
+from lib.transforms.recipe import PRESETS
 
 
 def log(msg: str) -> None:
@@ -80,14 +75,34 @@ def _timed_rank(scorer, studies, out, engine=None):
     return n, total, steady
 
 
+def _shape(text: str):
+    """``128x128x96`` -> (128, 128, 96)."""
+    return tuple(int(v) for v in text.split("x"))
+
+
+def _ray_row(tmp: str, studies: str, args):
+    """Score the folder on a local Ray with ``args.workers`` workers: one table row."""
+    import ray
+
+    from lib.importance.engines import RayEngine, init_ray
+
+    t = time.perf_counter()
+    init_ray(num_cpus=args.workers)
+    ray_start = time.perf_counter() - t
+    scorer = _scorer(tmp, args.overlap)
+    n, total, steady = _timed_rank(scorer, studies, os.path.join(tmp, "ray.csv"), RayEngine(scorer, workers=args.workers))
+    log(f"Ray: {n} volumes in {total:.1f} s (+ {ray_start:.1f} s to start Ray)")
+    ray.shutdown()
+    return ("Ray local", f"{args.workers} workers x 1 CPU", n, total + ray_start, steady, load_avg())
+
+
 def engines(args) -> str:
     from lib.data.phantoms import make_phantom, write_phantom
-    from lib.importance.engines import RayEngine, init_ray
 
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
     studies = os.path.join(tmp, "studies")
     for i in range(args.volumes):
-        write_phantom(make_phantom(200 + i, shape=(128, 128, 96), spacing_mm=(1.5, 1.5, 2.0)), studies, f"v{i:03d}", None)
+        write_phantom(make_phantom(200 + i, shape=_shape(args.shape), spacing_mm=(1.5, 1.5, 2.0)), studies, f"v{i:03d}", None)
     log(f"{args.volumes} phantoms in {studies}; load {load_avg()}")
     rows = []
 
@@ -98,19 +113,12 @@ def engines(args) -> str:
 
     # In-process before and after Ray: a shared CPU's load moves between runs, and the two bracket it.
     inprocess("before")
-    t = time.perf_counter()
-    init_ray(num_cpus=args.workers)
-    ray_start = time.perf_counter() - t
-    scorer = _scorer(tmp, args.overlap)
-    n, total, steady = _timed_rank(scorer, studies, os.path.join(tmp, "ray.csv"), RayEngine(scorer, workers=args.workers))
-    rows.append(("Ray local", f"{args.workers} workers x 1 CPU", n, total + ray_start, steady, load_avg()))
-    log(f"Ray: {n} volumes in {total:.1f} s (+ {ray_start:.1f} s to start Ray)")
-    import ray
-
-    ray.shutdown()
+    if args.workers > 0:
+        rows.append(_ray_row(tmp, studies, args))
     inprocess("after")
     # Pre-processing cache on a thin-slice CT (256x256x400 at 0.8x0.8x1 mm): round 1 fills, round 2 reads.
-    big = make_big_input(os.path.join(tmp, "big"))
+    ph = make_phantom(0, shape=_shape(args.cache_shape), spacing_mm=(0.8, 0.8, 1.0))
+    big, _ = write_phantom(ph, os.path.join(tmp, "big"), "phantom_" + args.cache_shape, label_dir=None)
     cache = os.path.join(tmp, "cache")
     pre = {}
     for rnd in (1, 2):
@@ -126,10 +134,10 @@ def engines(args) -> str:
 
     facts = machine_facts(torch.device("cpu"))
     out = [
-        f"- {facts['date']}; {facts['cpu']}; {facts['software']}, ray {ray.__version__}",
-        f"- {args.volumes} phantoms 128x128x96 at 1.5x1.5x2 mm (working grid about 128x128x128 before the"
-        f" foreground crop), SegResNet (synthetic weights), overlap {args.overlap}, 25 organs; command"
-        f" `.venv/bin/python bench/bench_scale.py engines --volumes {args.volumes} --workers {args.workers}`",
+        f"- {facts['date']}; {facts['cpu']}; {facts['software']}",
+        f"- {args.volumes} phantoms {args.shape} at 1.5x1.5x2 mm, SegResNet (synthetic weights), overlap"
+        f" {args.overlap}, 25 organs; command `.venv/bin/python -m bench.bench_scale engines --volumes"
+        f" {args.volumes} --workers {args.workers} --shape {args.shape} --cache-shape {args.cache_shape}`",
         "",
         "| engine | workers | volumes | wall s (incl. start) | volumes/min (wall) | volumes/min (steady) | load after |",
         "|---|---|---|---|---|---|---|",
@@ -138,7 +146,7 @@ def engines(args) -> str:
         out.append(f"| {name} | {workers} | {n} | {total:.1f} | {n / total * 60:.1f} | {steady:.1f} | {load} |")
     out.append("")
     out.append(
-        "Pre-processing (load, RAS, 1.5 mm resample, HU window, crop) of a 256x256x400 CT at 0.8x0.8x1 mm:"
+        f"Pre-processing (load, RAS, 1.5 mm resample, HU window, crop) of a {args.cache_shape} CT at 0.8x0.8x1 mm:"
         f" {pre[0]:.2f} s without the cache, {pre[1]:.2f} s computing and writing the cache entry (round 1),"
         f" {pre[2]:.2f} s read back from it (round 2)."
     )
@@ -149,11 +157,11 @@ def engines(args) -> str:
 # cost model
 
 
-def window_cost(backbone: str, device: torch.device, channels: List[int]) -> Dict:
+def window_cost(backbone: str, device: torch.device, channels: List[int], window: int = 96) -> Dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     net = build_network(backbone).to(device).eval()
-    x = torch.rand((1, 1, 96, 96, 96), device=device)
+    x = torch.rand((1, 1, window, window, window), device=device)
     with torch.no_grad():
         net(x)  # warm-up
         if device.type == "cuda":
@@ -173,8 +181,7 @@ def window_cost(backbone: str, device: torch.device, channels: List[int]) -> Dic
 
 
 def attention_cost(grid, device: torch.device) -> float:
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from bench_attention import make_input
+    from bench.bench_attention import make_input
 
     from lib.importance.attention import compute_attention
 
@@ -193,9 +200,9 @@ def cost(args) -> str:
     grid = tuple(int(g) for g in args.grid.split("x"))
     channels = [CLASS_INDEX[n] - 1 for n in LABEL_SETS["atlas25"]]
     per = {}
-    for b in BACKBONES:
-        log(f"{b}: one 96^3 window on {device}")
-        per[b] = window_cost(b, device, channels)
+    for b in args.backbones:
+        log(f"{b}: one {args.window}^3 window on {device}")
+        per[b] = window_cost(b, device, channels, args.window)
         log(f"{b}: {per[b]['flops'] / 1e12:.2f} TFLOP, {per[b]['seconds']:.2f} s")
     att = attention_cost(grid, device)
     log(f"attention 25 organs x 3 models on {grid}: {att:.1f} s")
@@ -205,12 +212,12 @@ def cost(args) -> str:
     facts = machine_facts(device)
     out = [
         f"- {facts['date']}; {facts['device']}; {facts['cpu']}; {facts['software']}; load {load_avg()}",
-        f"- command: `.venv/bin/python bench/bench_scale.py cost --device {args.device} --grid {args.grid}`",
+        f"- command: `.venv/bin/python -m bench.bench_scale cost --device {args.device} --grid {args.grid}`",
         "",
-        "| backbone | TFLOP per 96^3 window | s per window on this device |",
+        f"| backbone | TFLOP per {args.window}^3 window | s per window on this device |",
         "|---|---|---|",
     ]
-    for b in BACKBONES:
+    for b in args.backbones:
         out.append(f"| {b} | {per[b]['flops'] / 1e12:.3f} | {per[b]['seconds']:.2f} |")
     out += [
         "",
@@ -224,15 +231,15 @@ def cost(args) -> str:
     rows = []
     for preset in ("recipe", "fast"):
         n_win = windows[preset]
-        flops = sum(per[b]["flops"] for b in BACKBONES) * n_win
+        flops = sum(per[b]["flops"] for b in args.backbones) * n_win
         if on_gpu:
-            gpu_s = [sum(per[b]["seconds"] for b in BACKBONES) * n_win + att + host] * 2
+            gpu_s = [sum(per[b]["seconds"] for b in args.backbones) * n_win + att + host] * 2
             how = "measured per window on this GPU"
         else:
             # Projected: FLOPs at an assumed sustained throughput (low, high), attention assumed 0.5 s.
             gpu_s = [flops / (t * 1e12) + 0.5 + host for t in (hi, lo)]
             how = f"projected from FLOPs at {lo:g}-{hi:g} TFLOP/s sustained"
-        cpu_s = sum(per[b]["seconds"] for b in BACKBONES) * n_win + att + host
+        cpu_s = sum(per[b]["seconds"] for b in args.backbones) * n_win + att + host
         rows.append((preset, n_win, flops, gpu_s, cpu_s, how))
     out += [
         f"Seconds per volume, all three backbones (+ attention + {host:g} s of host work: load, resample,"
@@ -271,14 +278,20 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("engines")
     e.add_argument("--volumes", type=int, default=8)
-    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--workers", type=int, default=2, help="Ray workers (0: no Ray run)")
     e.add_argument("--overlap", type=float, default=0.0)
+    e.add_argument("--shape", default="128x128x96", help="phantom size in voxels (1.5x1.5x2 mm)")
+    e.add_argument("--cache-shape", default="256x256x400", help="the thin-slice CT of the cache timing (0.8x0.8x1 mm)")
     c = sub.add_parser("cost")
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     c.add_argument("--grid", default="256x192x256", help="working grid at 1.5 mm (default: a 384x288x384 mm body crop)")
     c.add_argument("--gpu-tflops", default="50,200", help="assumed sustained GPU TFLOP/s range (low,high) when not on a GPU")
     c.add_argument("--host-s", type=float, default=5.0, help="host-side seconds per volume (load, resample, post)")
+    c.add_argument("--window", type=int, default=96, help="window edge of the per-window cost (the recipe's 96)")
+    c.add_argument("--backbones", default=",".join(BACKBONES), help="comma list (a volume's cost counts these)")
     args = p.parse_args(argv)
+    if args.cmd == "cost":
+        args.backbones = [b for b in args.backbones.split(",") if b]
     text = engines(args) if args.cmd == "engines" else cost(args)
     print("\n" + text)
     return 0

@@ -4,9 +4,9 @@ Part 1, training iterations. For each backbone (segresnet, unet, swinunetr) a pl
 what one iteration of the train task does (MONAI's ``SupervisedTrainer._iteration`` as driven by
 ``lib.trainers.segmentation.SuPreMTrainer``): ``zero_grad`` (set_to_none=False, MONAI's default),
 forward of a batch of 2 random 96^3 crops (what ``num_samples=2`` with batch size 1 gives), the
-trainer's own loss (``SuPreMTrainer.loss_function``: ``MaskedChannelLoss(channels)``, sigmoid Dice + BCE per channel
+trainer's own loss (``lib.trainers.segmentation.fine_tuning_loss``: sigmoid Dice + BCE per channel
 on the 25 atlas25 channels of the 32 outputs) ``.mean()``, backward, and the trainer's own optimizer
-(``SuPreMTrainer.optimizer``: AdamW lr 1e-4, weight decay 1e-5) step. Network, loss and optimizer
+(``fine_tuning_optimizer``: AdamW lr 1e-4, weight decay 1e-5) step. Network, loss and optimizer
 come from lib; nothing is re-implemented. Inputs are uniform 0..1 intensities and a sparse random
 binary target (speed does not depend on the values); the weights are the random initialisation.
 
@@ -38,9 +38,9 @@ reports the round's seconds from the round log, the train task's own seconds fro
 sidecar JSON, the re-scoring seconds (the importance scoring task timed by a wrapper) and the rest
 (ranking, log, bookkeeping).
 
-    python bench/bench_train.py                                   # CPU: all backbones + a round
-    python bench/bench_train.py --device cuda --iters 10          # GPU run (fp32, bf16, fp16)
-    python bench/bench_train.py --backbones segresnet --iters 3 --skip-round
+    python -m bench.bench_train                                   # CPU: all backbones + a round
+    python -m bench.bench_train --device cuda --iters 10          # GPU run (fp32, bf16, fp16)
+    python -m bench.bench_train --backbones segresnet --iters 3 --skip-round
 """
 
 from __future__ import annotations
@@ -58,18 +58,14 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
-from machine import machine_facts  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lib.classes import CLASS_INDEX, LABEL_SETS  # noqa: E402
-from lib.networks import BACKBONES, build_network  # noqa: E402
-from lib.trainers.segmentation import SuPreMTrainer  # noqa: E402
+from bench.machine import machine_facts
+from lib.classes import CLASS_INDEX, LABEL_SETS
+from lib.networks import BACKBONES, build_network
+from lib.trainers.segmentation import fine_tuning_loss, fine_tuning_optimizer
 
 LABELS = "atlas25"
 OUT_CHANNELS = 32
@@ -137,19 +133,6 @@ class Case:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def trainer_loss_and_optimizer(network: torch.nn.Module, channels: List[int]):
-    """The train task's own loss and optimizer, from SuPreMTrainer's methods (nothing copied)."""
-    from monailabel.tasks.train.basic_train import Context
-
-    stand_in = SimpleNamespace(channels=channels)
-    ctx = Context()
-    ctx.network = network
-    ctx.request = {}
-    loss = SuPreMTrainer.loss_function(stand_in, ctx)
-    opt = SuPreMTrainer.optimizer(stand_in, ctx)
-    return loss, opt
-
-
 def one_iteration(net, loss_fn, opt, case: Case, x, y) -> float:
     """One train-task iteration (see the module docstring); returns wall seconds."""
     dev = case.device
@@ -185,7 +168,7 @@ def bench_backbone(backbone: str, roi: int, modes: List[str], iters: int, share_
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     net = build_network(backbone, OUT_CHANNELS).to(device)
-    loss_fn, opt = trainer_loss_and_optimizer(net, channels)
+    loss_fn, opt = fine_tuning_loss(channels), fine_tuning_optimizer(net)  # the train task's own
     g = torch.Generator().manual_seed(seed)
     x = torch.rand((BATCH, 1, roi, roi, roi), generator=g).to(device)
     y = (torch.rand((BATCH, len(channels), roi, roi, roi), generator=g) < 0.05).float().to(device)
@@ -356,6 +339,16 @@ class TimedScoring:
         return getattr(self.inner, name)
 
 
+def round_conf(preset: str, epochs: int) -> Dict[str, str]:
+    """The round's conf on ``preset``; off the recipe the training crop is the preset's own window."""
+    from lib.transforms.recipe import PRESETS
+
+    conf = dict(ROUND_CONF, train_epochs=str(epochs))
+    if preset != "recipe":
+        conf.update(preset=preset, train_roi=",".join(str(r) for r in PRESETS[preset].roi))
+    return conf
+
+
 def part2(args, device) -> Dict:
     import nibabel as nib
     from monailabel.datastore.local import LocalDatastore
@@ -372,7 +365,7 @@ def part2(args, device) -> Dict:
         ph = make_phantom(100 + i, shape=ROUND_SHAPE, spacing_mm=ROUND_SPACING)
         write_phantom(ph, str(studies), f"ph_{i}", "labels/final" if i < ROUND_LABELLED else None)
     write_synthetic_checkpoint("segresnet", str(work / "weights" / RELEASED_FILES["segresnet"]))
-    conf = dict(ROUND_CONF, weights_dir=str(work / "weights"), model_dir=str(work / "model"), device=device.type)
+    conf = dict(round_conf(args.round_preset, args.round_epochs), weights_dir=str(work / "weights"), model_dir=str(work / "model"), device=device.type)
     tasks = build_tasks(str(work / "app"), str(studies), conf)
     datastore = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
     tasks.start_rounds(lambda: datastore)
@@ -402,7 +395,7 @@ def part2(args, device) -> Dict:
     img = nib.load(str(studies / "ph_0.nii.gz"))
     return {
         "state": state, "last": last, "wall": wall, "sidecar": side, "stats": stats, "split": split,
-        "scoring_s": timed.seconds, "image_shape": img.shape, "load": load_avg(), "work": str(work),
+        "scoring_s": timed.seconds, "image_shape": img.shape, "load": load_avg(), "work": str(work), "conf": conf,
     }
 
 
@@ -414,9 +407,10 @@ def part2_table(r: Dict, device) -> str:
     rest = total - (train_s or 0) - (score_s or 0) if total is not None else None
     n_train = sum(1 for s in r["split"].values() if s == "train")
     n_val = sum(1 for s in r["split"].values() if s == "val")
-    epochs = int(ROUND_CONF["train_epochs"])
-    roi = int(ROUND_CONF["train_roi"])
-    ns = int(ROUND_CONF["train_num_samples"])
+    conf = r["conf"]
+    epochs = int(conf["train_epochs"])
+    roi = "x".join(conf["train_roi"].split(",")) if "," in conf["train_roi"] else f"{conf['train_roi']}^3"
+    ns = int(conf["train_num_samples"])
     amp = "fp32 (the train task uses no autocast on a CPU)" if device.type == "cpu" else "bf16 autocast (train_amp default)"
 
     def f(v):
@@ -437,8 +431,8 @@ def part2_table(r: Dict, device) -> str:
         f"at {ROUND_SPACING[0]}x{ROUND_SPACING[1]}x{ROUND_SPACING[2]} mm, ~96^3 at the recipe's 1.5 mm before the "
         f"foreground crop), {ROUND_LABELLED} with final labels: {n_train} train / {n_val} validation (kept split, "
         f"val_fraction {ROUND_CONF['val_fraction']}); segresnet from synthetic released weights; {epochs} epochs x "
-        f"{n_train} images = {epochs * n_train} iterations of {ns} x {roi}^3 crops, {amp}; validation every epoch "
-        f"(sliding window {roi}^3, overlap 0.25); then {ROUND_STUDIES - ROUND_LABELLED} unlabelled images re-scored "
+        f"{n_train} images = {epochs * n_train} iterations of {ns} x {roi} crops, {amp}; validation every epoch "
+        f"(sliding window {roi}, overlap 0.25); then {ROUND_STUDIES - ROUND_LABELLED} unlabelled images re-scored "
         "(96^3 windows, overlap 0) and ranked.",
         f"Validation mean Dice (synthetic weights, meaningless as accuracy): {last.get('mean_dice')}.",
     ]
@@ -466,6 +460,8 @@ def main(argv=None) -> int:
                     help="comma list of backbones measured at --fallback-roi first, and at --roi only if the "
                     "projection fits (default on CPU: unet,swinunetr; on CUDA: none; 'none' for none)")
     ap.add_argument("--skip-round", action="store_true", help="skip part 2 (the whole round)")
+    ap.add_argument("--round-preset", default="recipe", help="the round's preset (demo: a tiny round, for a smoke test)")
+    ap.add_argument("--round-epochs", type=int, default=int(ROUND_CONF["train_epochs"]), help="the round's epochs")
     ap.add_argument("--keep-round-dir", action="store_true", help="keep the round's temporary folder")
     ap.add_argument("--skip-iters", action="store_true", help="skip part 1 (the iteration timings)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -494,7 +490,7 @@ def main(argv=None) -> int:
     print("## Machine\n")
     for k, v in facts.items():
         print(f"- {k}: {v}")
-    print(f"- command: python bench/bench_train.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"- command: python -m bench.bench_train {' '.join(sys.argv[1:] if argv is None else argv)}")
     print()
 
     if not args.skip_iters:

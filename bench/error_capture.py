@@ -1,8 +1,8 @@
 """Error capture (issue 15, part 1): does the importance attention point at what the models got wrong?
 
-    .venv/bin/python bench/error_capture.py --config small --models 2 --volumes 100
-    .venv/bin/python bench/error_capture.py --config tiny --models 2 --volumes 4 --out /tmp/ec   # smoke run
-    .venv/bin/python bench/error_capture.py --config gpu --released DIR --device cuda   # the three backbones
+    .venv/bin/python -m bench.error_capture --config small --models 2 --volumes 100
+    .venv/bin/python -m bench.error_capture --config tiny --models 2 --volumes 4 --out /tmp/ec   # smoke run
+    .venv/bin/python -m bench.error_capture --config gpu --released DIR --device cuda   # the three backbones
 
 No retraining. A pool of phantom CTs (``lib/data``: sites A-D, hard cases) with ground truth; ``--models``
 SegResNet starters trained on phantoms from different seeds (cached, as bench/simulate.py caches its
@@ -41,14 +41,12 @@ from typing import Dict, List, Optional, Sequence
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench.simulation.config import get_config, parse_override  # noqa: E402
-from lib.classes import CLASS_INDEX  # noqa: E402
+from bench.simulation.config import get_config, parse_override
+from lib.classes import CLASS_INDEX
 
 TOP = (0.05, 0.10, 0.20)
 TERMS = ("uncertain", "inconsistent", "overlap")
@@ -372,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += volume_units(scorer, study, cfg)
         if i % 10 == 0 or i == len(studies):
             log(f"{i}/{len(studies)} volumes scored")
-    meta = {"config": cfg.name, "command": "python bench/error_capture.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"config": cfg.name, "command": "python -m bench.error_capture " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M"), "models": len(models), "volumes": len(studies),
             "units": len(rows), "labels": cfg.labels, "wall_s": round(time.time() - start),
             "model files": ", ".join(os.path.basename(m) for m in models),

@@ -1,8 +1,8 @@
 """Active-learning simulation (issues 5, 15): test Dice against annotation spent, per strategy.
 
-    .venv/bin/python bench/simulate.py --config small --jobs 2         # CPU, about 30 min on 2 cores
-    .venv/bin/python bench/simulate.py --config tiny --out /tmp/sim   # a smoke run of a few minutes
-    .venv/bin/python bench/simulate.py --config gpu --device cuda     # the recipe's grid, for a GPU
+    .venv/bin/python -m bench.simulate --config small --jobs 2         # CPU, about 30 min on 2 cores
+    .venv/bin/python -m bench.simulate --config tiny --out /tmp/sim   # a smoke run of a few minutes
+    .venv/bin/python -m bench.simulate --config gpu --device cuda     # the recipe's grid, for a GPU
 
 Per seed: phantom CTs (``lib/data``) in an unlabeled pool and a held-out test set, both of mixed sites
 (A-D: contrast phase, noise, spacing, field of view) with a minority of hard cases; a starting
@@ -35,11 +35,9 @@ from typing import Dict, List, Optional, Sequence
 os.environ.setdefault("TQDM_DISABLE", "1")  # MONAI's dataset progress bars, before tqdm is imported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from bench.simulation import report  # noqa: E402
-from bench.simulation.config import PRESETS, get_config, parse_override  # noqa: E402
+from bench.simulation import report
+from bench.simulation.config import PRESETS, get_config, parse_override
 
 DEFAULT_OUT = os.path.join(ROOT, "bench", "out", "simulation")
 
@@ -126,7 +124,7 @@ def _run_seeds(cfg, work: str, starter: str, args, start: float):
             yield future.result()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="small", choices=sorted(PRESETS), help="preset (default small)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/out/simulation)")
@@ -149,7 +147,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "instead of training one on phantoms")
     ap.add_argument("--report-only", action="store_true",
                     help="only redraw the PNG and summary from OUT/rounds.csv and OUT/run.json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _starter(args, cfg, work: str, log):
+    """(the starting model's path, a note on where it came from): ``--starter`` checked, or the cached one."""
+    import torch
+
+    from bench.simulation import loop
+
+    t = time.time()
+    if args.starter:
+        from lib.networks import validate_checkpoint
+
+        starter = os.path.abspath(args.starter)
+        validate_checkpoint("segresnet", starter)
+        log(f"starter: given {starter}")
+        return starter, f"given: {starter}"
+    torch.set_num_threads(max(1, args.threads * args.jobs))  # the seeds' processes have not started yet
+    starter = loop.cached_starter(cfg, work, log, cache=args.starter_cache or loop.STARTER_CACHE, fresh=args.fresh_starter)
+    torch.set_num_threads(max(1, args.threads))
+    return starter, f"{starter} (trained once with the settings it is keyed by; {time.time() - t:.0f} s here)"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
     if args.report_only:
         return _report_only(os.path.abspath(args.out))
 
@@ -187,20 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.as_dict(), f, indent=1)
 
-    t = time.time()
-    if args.starter:
-        from lib.networks import validate_checkpoint
-
-        starter = os.path.abspath(args.starter)
-        validate_checkpoint("segresnet", starter)
-        log(f"starter: given {starter}")
-        starter_note = f"given: {starter}"
-    else:
-        torch.set_num_threads(max(1, args.threads * args.jobs))  # the seeds' processes have not started yet
-        starter = loop.cached_starter(cfg, work, log, cache=args.starter_cache or loop.STARTER_CACHE,
-                                      fresh=args.fresh_starter)
-        torch.set_num_threads(max(1, args.threads))
-        starter_note = f"{starter} (trained once with the settings it is keyed by; {time.time() - t:.0f} s here)"
+    starter, starter_note = _starter(args, cfg, work, log)
 
     organs = loop.labels_of(cfg)
     csv_path = os.path.join(out, "rounds.csv")
@@ -214,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {
         "config": cfg.name,
-        "command": "python bench/simulate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.simulate " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{machine}, {load_end:.2f} at the end",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "wall_s": f"{wall:.0f}",

@@ -1,7 +1,7 @@
 """The benchmark's starting model: train it once (cached by its settings) and report its test Dice.
 
-    .venv/bin/python bench/starter.py --config small                      # train if not cached, then test
-    .venv/bin/python bench/starter.py --config small --set starter_site=A,B,C,D --test 12
+    .venv/bin/python -m bench.starter --config small                      # train if not cached, then test
+    .venv/bin/python -m bench.starter --config small --set starter_site=A,B,C,D --test 12
 
 The starter is what bench/simulate.py and bench/error_capture.py start from (same cache,
 ``bench/out/starters/starter_<config>_<key>.pth``, key = hash of the settings it depends on). Its test
@@ -23,10 +23,8 @@ from typing import Optional, Sequence
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from bench.simulation.config import STARTER_FIELDS, get_config, parse_override  # noqa: E402
+from bench.simulation.config import STARTER_FIELDS, get_config, parse_override
 
 
 def site_dice(model, studies) -> dict:

@@ -27,6 +27,17 @@ def opening(x: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(eroded, structure=CUBE, iterations=2)
 
 
+def mean_entropy(probs_b: np.ndarray, entropy: str = "positive") -> np.ndarray:
+    """probs of one organ, (M, D, H, W) -> mean over models of entr(p) (plus entr(1 - p) when binary)."""
+    U = 0
+    for p in probs_b:
+        e = entr(p)
+        if entropy == "binary":
+            e = e + entr(1 - p)
+        U = U + e
+    return U / len(probs_b)
+
+
 def reference_attention(
     probs: np.ndarray,
     masks: np.ndarray,
@@ -51,15 +62,7 @@ def reference_attention(
     raw_heat = np.zeros(masks.shape, dtype=probs.dtype)
 
     for b in range(n_organs):
-        # Uncertainty: mean over models of entr(p).
-        U = 0
-        for m in range(n_models):
-            p = probs[m, b]
-            e = entr(p)
-            if entropy == "binary":
-                e = e + entr(1 - p)
-            U = U + e
-        U = U / n_models
+        U = mean_entropy(probs[:, b], entropy)
         U_b[b] = opening(U > 0.05)
 
         # Inconsistency: population std over models of p_m, zeroed outside dilate1(model m's mask).

@@ -62,6 +62,9 @@ def _imports(path: str) -> Iterator[Tuple[int, str]]:
                 yield node.lineno, ".".join(base + ([node.module] if node.module else []))
             else:
                 yield node.lineno, node.module
+                if node.module in ("lib", "bench", "testing"):  # ``from lib import app``: the module lib.app
+                    for alias in node.names:
+                        yield node.lineno, f"{node.module}.{alias.name}"
 
 
 def _python_files(folder: str) -> List[str]:
@@ -115,25 +118,81 @@ def test_the_check_finds_an_upward_import_and_a_late_one(tmp_path, monkeypatch):
     assert any("rel.py:1 imports lib.infers" in f for f in found)
 
 
-@pytest.mark.parametrize("folder", ["bench", "testing"])
-def test_benchmarks_and_the_shared_testing_module_do_not_import_the_tests(folder):
-    found = [
+# Above lib/: testing/ (what tests and benchmarks share) may import lib; bench/ may import lib and testing.
+# Neither imports the tests or the app, and testing/ does not import the benchmarks.
+NOT_FROM = {
+    "testing": ("tests", "support", "dicomweb_support", "ohif_support", "apps", "bench"),
+    "bench": ("tests", "support", "dicomweb_support", "ohif_support", "apps"),
+}
+
+
+def imports_from_above(folder: str) -> List[str]:
+    return [
         f"{os.path.relpath(path, REPO)}:{line} imports {name}"
         for path in _python_files(folder)
         for line, name in _imports(path)
-        if name.split(".")[0] in ("tests", "support", "dicomweb_support", "ohif_support")
+        if name.split(".")[0] in NOT_FROM[folder]
     ]
-    assert found == []
 
 
-def test_no_function_in_lib_is_longer_than_80_lines():
+@pytest.mark.parametrize("folder", sorted(NOT_FROM))
+def test_benchmarks_and_the_shared_testing_module_import_only_what_is_below_them(folder):
+    assert len(_python_files(folder)) > 2
+    assert imports_from_above(folder) == []
+
+
+def sys_path_edits(folder: str) -> List[str]:
+    """Each ``sys.path.insert`` / ``append`` / assignment in ``folder``: its modules are imported as a package."""
+    found = []
+    for path in _python_files(folder):
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                target = next((t for t in targets if isinstance(t, ast.Attribute)), None)
+            if isinstance(target, ast.Attribute) and target.attr == "path" and getattr(target.value, "id", "") == "sys":
+                found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("folder", ["lib", "bench", "testing"])
+def test_no_sys_path_edits_in_the_packages(folder):
+    assert sys_path_edits(folder) == []
+
+
+# Functions over 80 lines left for their owners' open work (issue 25: the load benchmark; the GPU work:
+# bench_infer), each to be split there.
+LONG_FUNCTIONS_LEFT = {"bench/bench_load.py main", "bench/bench_infer.py run", "bench/bench_infer.py render"}
+
+
+def long_functions(folder: str, most: int = 80) -> List[str]:
     long = []
-    for path in _python_files("lib"):
+    for path in _python_files(folder):
         with open(path) as f:
             tree = ast.parse(f.read(), path)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
-                if lines > 80:
+                if lines > most and f"{os.path.relpath(path, REPO)} {node.name}" not in LONG_FUNCTIONS_LEFT:
                     long.append(f"{os.path.relpath(path, REPO)}:{node.lineno} {node.name} ({lines} lines)")
-    assert long == []
+    return long
+
+
+@pytest.mark.parametrize("folder", ["lib", "bench", "testing"])
+def test_no_function_is_longer_than_80_lines(folder):
+    assert long_functions(folder) == []
+
+
+def test_the_checks_find_a_late_import_of_the_app_a_sys_path_edit_and_a_long_function(tmp_path, monkeypatch):
+    (tmp_path / "lib" / "networks").mkdir(parents=True)
+    (tmp_path / "lib" / "networks" / "late.py").write_text("def f():\n    from lib import app\n")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "a.py").write_text("import sys\nsys.path.insert(0, '..')\nfrom tests import support\n")
+    (tmp_path / "bench" / "b.py").write_text("def f():\n" + "    x = 1\n" * 80)
+    monkeypatch.setitem(globals(), "REPO", str(tmp_path))
+    assert upward_imports(_python_files("lib")) == ["lib/networks/late.py:2 imports lib.app (app is above networks)"]
+    assert sys_path_edits("bench") == ["bench/a.py:2"]
+    assert imports_from_above("bench") == ["bench/a.py:3 imports tests"]
+    assert long_functions("bench") == ["bench/b.py:1 f (81 lines)"]

@@ -60,6 +60,22 @@ class MaskedChannelLoss(torch.nn.Module):
         return (per_channel * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
+# AdamW as SuPreM fine-tunes: the learning rate a train request may override, and a light weight decay.
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 1e-5
+
+
+def fine_tuning_loss(channels: Sequence[int], pseudo_weight: float = 0.0) -> MaskedChannelLoss:
+    """The train task's loss: sigmoid BCE + Dice on the network output ``channels`` (0-based, the app's
+    classes), organs nobody revised weighted ``pseudo_weight``."""
+    return MaskedChannelLoss(channels, pseudo_weight)
+
+
+def fine_tuning_optimizer(network: torch.nn.Module, lr: float = LEARNING_RATE) -> torch.optim.Optimizer:
+    """The train task's optimizer over ``network``'s parameters."""
+    return torch.optim.AdamW(network.parameters(), lr=float(lr), weight_decay=WEIGHT_DECAY)
+
+
 def masked_iteration(engine, batchdata):
     """SupervisedTrainer's iteration, with the batch's revised-organ mask handed to the loss first."""
     revised = batchdata.get(REVISED_KEY) if isinstance(batchdata, dict) else None
@@ -90,7 +106,7 @@ class SuPreMTrainer(BasicTrainTask):
         roi: Optional[Sequence[int]] = None,
         max_epochs: int = 50,
         num_samples: int = 2,
-        lr: float = 1e-4,
+        lr: float = LEARNING_RATE,
         val_fraction: float = 0.2,
         label_map: Optional[Dict[int, int]] = None,
         description: str = "",
@@ -164,11 +180,10 @@ class SuPreMTrainer(BasicTrainTask):
         return net
 
     def optimizer(self, context: Context):
-        lr = float(context.request.get("lr", 1e-4))
-        return torch.optim.AdamW(context.network.parameters(), lr=lr, weight_decay=1e-5)
+        return fine_tuning_optimizer(context.network, context.request.get("lr", LEARNING_RATE))
 
     def loss_function(self, context: Context):
-        return MaskedChannelLoss(self.channels, self.pseudo_weight)
+        return fine_tuning_loss(self.channels, self.pseudo_weight)
 
     def train_iteration_update(self, context: Context):
         return masked_iteration
