@@ -15,9 +15,13 @@ Each phase runs C client threads, each with its own ``MONAILabelClient``, releas
 barrier; each client sends R requests back to back and times each one. Reported per phase: requests
 per second (all requests / wall time of the phase), p50/p95/max latency, errors. Phases, in order:
 
-  next-sample importance   POST /activelearning/importance (each client its own client_id)
+  next-sample importance   POST /activelearning/importance, unidentified (MONAI Label's client sends the
+                           client_id given to its constructor, none here): every answer is new work,
+                           as for 16 x R annotators each asking once
   next-sample random       POST /activelearning/random (MONAI Label's own strategy, for comparison)
-  save-label               PUT /datastore/label, a valid final label for a different image each time
+  save-label               PUT /datastore/label, a valid final label for a different image each time;
+                           after each 200 the client lists the final labels (GET /datastore/?output=train,
+                           not timed, inside the phase's wall time) and counts whether its label is there
 
 ``--monailabel-env defaults`` (the default) runs the server with MONAI Label's own settings, as the
 README's command does: datastore auto reload on and auto scoring on (MONAI Label queues a scoring run
@@ -39,8 +43,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import nibabel as nib
 import numpy as np
@@ -110,21 +115,26 @@ def label_for(studies: Path, image_id: str, folder: Path) -> str:
     return str(path)
 
 
-def run_phase(name: str, url: str, clients: int, requests: int, make_call: Callable, tmpdir: Path) -> Dict:
-    """C threads x R requests each, released together; latencies in seconds."""
+def run_phase(
+    name: str, url: str, clients: int, requests: int, make_call: Callable, tmpdir: Path, check: Optional[Callable] = None
+) -> Dict:
+    """C threads x R requests each, released together; latencies in seconds. ``check(client, c, r)``,
+    when given, runs after each answered request (not timed, but inside the phase's wall time) and says
+    whether what the request did shows (an error when it does not)."""
     from monailabel.client import MONAILabelClient
 
     barrier = threading.Barrier(clients + 1)
     lat: List[float] = []
     errors: List[str] = []
     answers: List = []
+    checked = {"ok": 0, "failed": 0}
     lock = threading.Lock()
 
     def worker(c: int):
         client = MONAILabelClient(url, tmpdir=str(tmpdir))
         calls = [make_call(client, c, r) for r in range(requests)]
         barrier.wait()
-        for call in calls:
+        for r, call in enumerate(calls):
             t0 = time.perf_counter()
             try:
                 out = call()
@@ -132,10 +142,13 @@ def run_phase(name: str, url: str, clients: int, requests: int, make_call: Calla
             except Exception as e:  # counted and shown, the phase goes on
                 out, ok = repr(e)[:200], False
             dt = time.perf_counter() - t0
+            seen = check(client, c, r) if ok and check else None
             with lock:
                 (lat if ok else errors).append(dt if ok else out)
                 if ok:
                     answers.append(out)
+                if seen is not None:
+                    checked["ok" if seen else "failed"] += 1
 
     threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -158,10 +171,11 @@ def run_phase(name: str, url: str, clients: int, requests: int, make_call: Calla
         "p95_ms": round(q[94] * 1000, 1),
         "max_ms": round(lat[-1] * 1000, 1),
         "answers": answers,
+        **({"checked": checked} if check else {}),
     }
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--clients", type=int, default=16)
@@ -171,95 +185,117 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="", help="a name for this run in the output")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "load"), help="folder for results.json/.md")
     p.add_argument("--keep", action="store_true", help="keep the temporary studies folder")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import torch
-    from monailabel.client import MONAILabelClient
 
+def start_server(work: Path, args: argparse.Namespace):
+    """The studies folder (N scored images) and a real server on it, ready."""
     from lib.weights import RELEASED_FILES
     from testing.server import Server
     from testing.synthetic_weights import write_synthetic_checkpoint
 
-    work = Path(tempfile.mkdtemp(prefix="bench_load_"))
+    t0 = time.time()
     studies = work / "studies"
+    ids = write_studies(studies, args.images)
+    ckpt = write_synthetic_checkpoint(MODEL, str(work / "weights" / RELEASED_FILES[MODEL]))
+    prefill_scores(studies, ids, ckpt)
+    print(f"{args.images} images written and scored in {time.time() - t0:.1f} s", flush=True)
+    conf = {
+        "models": MODEL,
+        "weights_dir": str(work / "weights"),
+        "model_dir": str(work / "model"),
+        "use_pretrained_model": "false",
+        "overlap": "0",
+    }
+    env = {}
+    if args.monailabel_env == "defaults":  # MONAI Label's own settings, not the test suite's
+        env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "true", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true"}
+    srv = Server(str(studies), conf, str(work), env=env)
+    t0 = time.time()
+    srv.wait_ready(timeout=600)
+    print(f"server ready in {time.time() - t0:.1f} s; log {srv.log_path}", flush=True)
+    return srv
+
+
+def run_phases(srv, work: Path, args: argparse.Namespace) -> Dict:
+    """The three phases on a ready server; their results and what the datastore lists afterwards."""
+    from monailabel.client import MONAILabelClient
+
+    probe = MONAILabelClient(srv.url)
+    ds = probe.datastore()["objects"]
+    assert len(ds) == args.images, len(ds)
+    records = {k: v["image"]["info"]["importance"]["score"] for k, v in ds.items()}
+    best = max(records, key=lambda k: (records[k], k))
+    labels = work / "labels_to_send"
+    labels.mkdir()
+    # Save-label targets: different images for every request, the lowest scores (never handed out).
+    targets = sorted(records, key=lambda k: records[k])[: args.clients * args.saves]
+    label_files = {i: label_for(work / "studies", i, labels) for i in targets}
+
+    def next_sample(strategy):
+        return lambda client, c, r: (lambda: client.next_sample(strategy, {}))
+
+    def save(client, c, r):
+        image_id = targets[c * args.saves + r]
+        return lambda: client.save_label(image_id, label_files[image_id], tag="final")
+
+    def listed_at_once(client, c, r):
+        """Read your writes: the very next listing of final labels (MONAI Label's ``output=train``, small
+        where ``output=all`` is the whole record) holds the label just answered 200 for."""
+        pairs = json.loads(urllib.request.urlopen(srv.url + "/datastore/?output=train", timeout=600).read())
+        return f"{targets[c * args.saves + r]}.nii.gz" in {os.path.basename(p["image"]) for p in pairs}
+
+    cases = [
+        ("next-sample importance", next_sample("importance"), args.requests, None),
+        ("next-sample random", next_sample("random"), args.requests, None),
+        ("save-label", save, args.saves, listed_at_once),
+    ]
+    phases = []
+    for name, make_call, n, check in cases:
+        load_before = os.getloadavg()[0]
+        res = run_phase(name, srv.url, args.clients, n, make_call, work, check)
+        res["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        answers = res.pop("answers")
+        if name == "next-sample importance":
+            ids_out = [a.get("id") for a in answers]
+            res["distinct_ids"] = len(set(ids_out))
+            res["top_image_handed_out"] = best in ids_out
+        phases.append(res)
+        print(
+            f"{name:24s} {res['requests']:5d} req  {res['rps']:7.2f} req/s  p50 {res['p50_ms']:8.1f} ms  "
+            f"p95 {res['p95_ms']:8.1f} ms  max {res['max_ms']:8.1f} ms  errors {res['errors']}",
+            flush=True,
+        )
+    after = probe.datastore()["objects"]
+    saved_ok = sum(1 for i in targets if "final" in after[i]["labels"])
+    return {
+        "phases": phases,
+        "labels_saved_and_listed": f"{saved_ok}/{len(targets)}",
+        "labels_listed_at_once": "{ok}/{n}".format(n=len(targets), **phases[-1]["checked"]),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="bench_load_"))
     try:
-        t0 = time.time()
-        ids = write_studies(studies, args.images)
-        ckpt = write_synthetic_checkpoint(MODEL, str(work / "weights" / RELEASED_FILES[MODEL]))
-        prefill_scores(studies, ids, ckpt)
-        print(f"{args.images} images written and scored in {time.time() - t0:.1f} s", flush=True)
-        conf = {
-            "models": MODEL,
-            "weights_dir": str(work / "weights"),
-            "model_dir": str(work / "model"),
-            "use_pretrained_model": "false",
-            "overlap": "0",
-        }
-        env = {}
-        if args.monailabel_env == "defaults":  # MONAI Label's own settings, not the test suite's
-            env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "true", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true"}
-        srv = Server(str(studies), conf, str(work), env=env)
+        srv = start_server(work, args)
         try:
-            t0 = time.time()
-            srv.wait_ready(timeout=600)
-            print(f"server ready in {time.time() - t0:.1f} s; log {srv.log_path}", flush=True)
-            probe = MONAILabelClient(srv.url)
-            ds = probe.datastore()["objects"]
-            assert len(ds) == args.images, len(ds)
-            records = {k: v["image"]["info"]["importance"]["score"] for k, v in ds.items()}
-            best = max(records, key=lambda k: (records[k], k))
-
-            labels = work / "labels_to_send"
-            labels.mkdir()
-            # Save-label targets: different images for every request, the lowest scores (never handed out).
-            targets = sorted(records, key=lambda k: records[k])[: args.clients * args.saves]
-            label_files = {i: label_for(studies, i, labels) for i in targets}
-
-            phases = []
-
-            def next_sample(strategy):
-                return lambda client, c, r: (lambda: client.next_sample(strategy, {"client_id": f"annotator-{c}"}))
-
-            def save(client, c, r):
-                image_id = targets[c * args.saves + r]
-                return lambda: client.save_label(image_id, label_files[image_id], tag="final")
-
-            cases = [
-                ("next-sample importance", next_sample("importance"), args.requests),
-                ("next-sample random", next_sample("random"), args.requests),
-                ("save-label", save, args.saves),
-            ]
-            for name, make_call, n in cases:
-                load_before = os.getloadavg()[0]
-                res = run_phase(name, srv.url, args.clients, n, make_call, work)
-                res["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-                answers = res.pop("answers")
-                if name == "next-sample importance":
-                    ids_out = [a.get("id") for a in answers]
-                    res["distinct_ids"] = len(set(ids_out))
-                    res["top_image_handed_out"] = best in ids_out
-                phases.append(res)
-                print(
-                    f"{name:24s} {res['requests']:5d} req  {res['rps']:7.2f} req/s  p50 {res['p50_ms']:8.1f} ms  "
-                    f"p95 {res['p95_ms']:8.1f} ms  max {res['max_ms']:8.1f} ms  errors {res['errors']}",
-                    flush=True,
-                )
-            after = probe.datastore()["objects"]
-            saved_ok = sum(1 for i in targets if "final" in after[i]["labels"])
+            measured = run_phases(srv, work, args)
             with open(srv.log_path, errors="replace") as f:
                 scoring_runs = sum(1 for line in f if "COMMAND::" in line and "-m scoring" in line)
         finally:
             srv.stop()
-        facts = machine_facts(torch.device("cpu"))
         result = {
             "label": args.label,
             "images": args.images,
             "clients": args.clients,
             "monailabel_env": args.monailabel_env,
-            "phases": phases,
-            "labels_saved_and_listed": f"{saved_ok}/{len(targets)}",
+            **measured,
             "scoring_runs_started": scoring_runs,
-            "machine": facts,
+            "machine": machine_facts(torch.device("cpu")),
         }
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -289,8 +325,9 @@ def format_table(result: Dict) -> str:
         )
     lines.append("")
     lines.append(
-        f"Labels saved and listed afterwards: {result['labels_saved_and_listed']}; scoring runs the server "
-        f"started: {result['scoring_runs_started']}."
+        f"Labels listed by the next listing after their save: {result['labels_listed_at_once']}; saved and "
+        f"listed after the phase: {result['labels_saved_and_listed']}; scoring runs the server started: "
+        f"{result['scoring_runs_started']}."
     )
     return "\n".join(lines) + "\n"
 

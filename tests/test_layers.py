@@ -162,9 +162,9 @@ def test_no_sys_path_edits_in_the_packages(folder):
     assert sys_path_edits(folder) == []
 
 
-# Functions over 80 lines left for their owners' open work (issue 25: the load benchmark; the GPU work:
+# Functions over 80 lines left for their owners' open work (the GPU work:
 # bench_infer), each to be split there.
-LONG_FUNCTIONS_LEFT = {"bench/bench_load.py main", "bench/bench_infer.py run", "bench/bench_infer.py render"}
+LONG_FUNCTIONS_LEFT = {"bench/bench_infer.py run", "bench/bench_infer.py render"}
 
 
 def long_functions(folder: str, most: int = 80) -> List[str]:
