@@ -136,6 +136,8 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
             sw_batch_size=_number(conf, "sw_batch_size", int, None),
             amp=conf.get("amp") or None,
             tf32=_bool(conf, "tf32", None),  # None: torch's default, as the reference ran
+            compile=_bool(conf, "compile", None),
+            channels_last=_bool(conf, "channels_last", None),
         )
     except ValueError as e:
         if isinstance(e, ConfError):

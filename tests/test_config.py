@@ -1,4 +1,5 @@
-"""``--conf tf32``: parsed into the recipe, applied by the sliding window; absent leaves torch's default."""
+"""``--conf tf32``, ``compile``, ``channels_last``: parsed into the recipe (tf32 applied by the sliding window;
+absent leaves torch's default)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,11 @@ def test_the_sliding_window_applies_the_recipes_tf32_and_none_leaves_torchs_defa
     assert _precisions() in (("ieee", "ieee"), (False, False))
     set_tf32(True)
     assert _precisions() in (("tf32", "tf32"), (True, True))
+
+
+@pytest.mark.parametrize("key", ["compile", "channels_last"])
+def test_compile_and_channels_last_are_opt_in_recipe_switches(key):
+    assert getattr(parse_conf({}).recipe, key) is False
+    assert getattr(parse_conf({key: "true", "preset": "fast"}).recipe, key) is True
+    with pytest.raises(ConfError, match=key):
+        parse_conf({key: "maybe"})

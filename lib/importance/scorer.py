@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from monai.transforms import Compose
+from monai.transforms import Compose, ToDeviced
 
 from lib.networks.inference import BackboneSet, NetworkCache, synchronize, timed
 from lib.importance.attention import AttentionResult, compute_attention
@@ -89,7 +89,9 @@ class VolumeScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.entropy = entropy
         self.normalise_score = normalise_score
-        self._pre = Compose(inference_pre_transforms(recipe))
+        # On a GPU the grid steps run there; what goes to the disk cache comes back to the host first.
+        self._pre = Compose(inference_pre_transforms(recipe, device=self.device))
+        self._pre_for_cache = Compose(inference_pre_transforms(recipe, device=self.device) + [ToDeviced("image", "cpu")])
         # Pre-processed volumes on disk, reused by the next round's re-scoring (None: off).
         self.cache_dir = cache_dir
         self._cache = open_cache(cache_dir, "score", recipe.preprocessing_key())
@@ -104,7 +106,7 @@ class VolumeScorer:
     def preprocess(self, path: str):
         if self._cache is None:
             return self._pre({"image": path})["image"]
-        return self._cache.dataset([{"image": path}], self._pre)[0]["image"]
+        return self._cache.dataset([{"image": path}], self._pre_for_cache)[0]["image"]
 
     def spec(self) -> "ScorerSpec":
         """What another process needs to build this scorer with the model files in use now."""

@@ -20,6 +20,7 @@ from monai.transforms import (
     Orientationd,
     ScaleIntensityRanged,
     Spacingd,
+    ToDeviced,
 )
 
 from .checks import CheckCTd, LoadCTd, WarnIfSmallerThand
@@ -37,7 +38,10 @@ class Recipe:
     spacing: output voxel size in mm; a_min/a_max: HU window mapped to 0..1; roi: sliding window
     size in voxels; overlap: sliding-window overlap fraction; sw_batch_size: windows per forward
     pass; amp: "none", "fp16" or "bf16" autocast for the forward pass; threshold: sigmoid cut-off;
-    tf32: TF32 float32 convolutions and matrix products on a GPU (True, False, None = torch's default).
+    tf32: TF32 float32 convolutions and matrix products on a GPU (True, False, None = torch's default);
+    compile: run the networks through ``torch.compile`` (compiled once per process and model file);
+    channels_last: the networks and their windows in channels-last memory order (``channels_last_3d``).
+    None of the last four changes the label map beyond floating-point round-off.
     """
 
     spacing: Tuple[float, float, float] = (1.5, 1.5, 1.5)
@@ -50,6 +54,8 @@ class Recipe:
     blend: str = "gaussian"
     threshold: float = 0.5
     tf32: Optional[bool] = None
+    compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.amp not in AMP_MODES:
@@ -98,16 +104,22 @@ def recipe_fit(trained: Dict, recipe: Recipe) -> Optional[str]:
             "its segmentations will be poor")
 
 
-def inference_pre_transforms(recipe: Recipe, keys: str = "image") -> List:
+def inference_pre_transforms(recipe: Recipe, keys: str = "image", device=None) -> List:
     """Load an image file (NIfTI, NRRD, DICOM folder) and bring it onto the working grid.
 
     The output is a (1, X, Y, Z) float MetaTensor in 0..1 whose meta keeps ``original_affine`` and
     ``spatial_shape`` of the input, which ``ResampleToInputd`` uses to go back to the input grid.
+    ``device``: where the grid steps run. A CUDA device gets the volume right after it is read and
+    checked on the CPU, and reorients, resamples, windows and crops it there as tensor ops (the same
+    MONAI transforms; the output differs from the CPU's only by interpolation round-off) and the
+    output stays there; None or a CPU: all on the CPU.
     """
+    on_gpu = device is not None and torch.device(device).type == "cuda"
     return [
         LoadCTd(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         CheckCTd(keys=keys),
+        *([ToDeviced(keys=keys, device=torch.device(device))] if on_gpu else []),
         Orientationd(keys=keys, axcodes="RAS"),
         Spacingd(keys=keys, pixdim=recipe.spacing, mode="bilinear"),
         ScaleIntensityRanged(keys=keys, a_min=recipe.a_min, a_max=recipe.a_max, b_min=0.0, b_max=1.0, clip=True),
