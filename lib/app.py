@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -22,6 +21,7 @@ from lib.rounds.manager import RoundManager
 from lib.trainers.round import RoundTrainTask, run_round
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.importance.engines import make_engine
+from lib.monailabel_private import cancel_queued_tasks, queue_threads_alive, retype
 from lib.stopping import end_child_processes, install_stop_handlers, on_stop, stop_reason
 from lib.scoring.importance import ImportanceScoring
 from lib.importance.scorer import VolumeScorer
@@ -275,8 +275,8 @@ def checked_dicomweb_datastore(datastore, label_dict):
 
     if type(datastore) is not DICOMWebDatastore:
         return datastore
-    datastore.__class__ = CheckedDICOMWebDatastore  # same state (client, cache folder, watcher), checked methods
-    return datastore.set_labels(label_dict)
+    # Same state (client, cache folder, watcher), checked methods.
+    return retype(datastore, CheckedDICOMWebDatastore).set_labels(label_dict)
 
 
 def stop_on_signals(on_signal: Callable[[int], None]) -> None:
@@ -288,25 +288,8 @@ def stop_on_signals(on_signal: Callable[[int], None]) -> None:
 
 
 def end_background_tasks(grace_s: float = STOP_GRACE_S) -> List[int]:
-    """MONAI Label runs train / scoring / batch-infer requests as subprocesses fed by one queue per kind
-    (``monailabel.utils.async_tasks``): cancel the requests waiting, refuse new ones (their queue is shut
-    down), and end the running subprocesses with every other process this one started (SIGTERM, then
-    SIGKILL after ``grace_s``). Returns the pids ended."""
-    from monailabel.utils.async_tasks import utils as async_tasks
-
-    executors = async_tasks.background_executors
-    for method in ("train", "scoring", "batch_infer"):
-        async_tasks.background_tasks.setdefault(method, [])
-        async_tasks.background_processes.setdefault(method, {})
-        if executors.get(method) is None:
-            executors[method] = ThreadPoolExecutor(max_workers=1)
-    for method, executor in executors.items():
-        executor.shutdown(wait=False, cancel_futures=True)  # a later request gets an error, not a process
-        for task in async_tasks.background_tasks.get(method, []):
-            if task.get("status") == "SUBMITTED":
-                task["status"] = "STOPPED"
-
-    def starting() -> bool:  # a queue's thread may be between taking a request and starting its process
-        return any(t.is_alive() for ex in executors.values() for t in getattr(ex, "_threads", ()))
-
-    return end_child_processes(grace_s, busy=starting)
+    """MONAI Label runs train / scoring / batch-infer requests as subprocesses fed by one queue per kind:
+    cancel the requests waiting, refuse new ones, and end the running subprocesses with every other
+    process this one started (SIGTERM, then SIGKILL after ``grace_s``). Returns the pids ended."""
+    executors = cancel_queued_tasks()
+    return end_child_processes(grace_s, busy=lambda: queue_threads_alive(executors))

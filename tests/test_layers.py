@@ -26,6 +26,7 @@ LAYERS = [
     "importance",  # the importance engine: formula, scorer, engines, offline ranking, records
     "errors",  # failures as HTTP answers
     "config",  # the app's --conf
+    "monailabel_private",  # MONAI Label's private names, in one adapter
     "datastore",  # MONAI Label adapters from here up
     "strategies",
     "scoring",

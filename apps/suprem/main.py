@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 class SuPreMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        self.serving = False  # True in the server process; MONAI Label's train / scoring subprocesses stay False
         self.tasks = build_tasks(app_dir, studies, conf)
         # The round manager and its ``round`` train task (MONAI Label offers it unless train tasks are off).
         self.tasks.start_rounds(self.datastore)
@@ -40,9 +41,13 @@ class SuPreMApp(MONAILabelApp):
         )
         stop_on_signals(self.on_stop_signal)
 
+    def server_mode(self, mode: bool):
+        super().server_mode(mode)
+        self.serving = mode
+
     def on_stop_signal(self, signum):
         # The server ends its subprocesses; those (train, scoring) only unwind, logging a cut round.
-        if self._server_mode:
+        if self.serving:
             self.tasks.stop()
 
     def on_init_complete(self):
@@ -84,13 +89,13 @@ class SuPreMApp(MONAILabelApp):
 
         if stop_requested():  # stopping: no new scoring process
             return {}
-        if self._server_mode and any(t.get("status") == "SUBMITTED" for t in tasks("scoring")):
+        if self.serving and any(t.get("status") == "SUBMITTED" for t in tasks("scoring")):
             return {}
         return super().async_scoring(method, params)
 
     def infer(self, request, datastore=None):
         ds = datastore or self.datastore()
-        checked_model(self._infers, request.get("model"))
+        checked_model(self.tasks.infers, request.get("model"))
         image = checked_image(ds, request.get("image"))
         what = f"infer {request.get('model')} on {os.path.basename(str(image))!r}"
         return guarded(super().infer, what, dict(request, image=image), datastore)

@@ -8,11 +8,12 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from monai.data import partition_dataset
+from ignite.engine import Events
+from monai.data import CacheDataset, DataLoader, partition_dataset
 from monai.handlers import from_engine
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.losses import DiceLoss
-from monai.transforms import Activationsd, AsDiscreted
+from monai.transforms import Activationsd, AsDiscreted, Compose
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 REVISED_KEY = "revised"  # per sample: 1.0 per organ channel revised in that image, 0.0 per pseudo label
+# Checkpoint names given to MONAI Label's train task (its defaults, named here so publishing can find them).
+FINAL_CHECKPOINT, BEST_CHECKPOINT, MODEL_KEY = "checkpoint_final.pt", "model.pt", "model"
 
 
 class MaskedChannelLoss(torch.nn.Module):
@@ -76,14 +79,34 @@ def fine_tuning_optimizer(network: torch.nn.Module, lr: float = LEARNING_RATE) -
     return torch.optim.AdamW(network.parameters(), lr=float(lr), weight_decay=WEIGHT_DECAY)
 
 
-def masked_iteration(engine, batchdata):
-    """SupervisedTrainer's iteration, with the batch's revised-organ mask handed to the loss first."""
-    revised = batchdata.get(REVISED_KEY) if isinstance(batchdata, dict) else None
-    engine.loss_function.revised = None if revised is None else torch.as_tensor(revised).to(engine.state.device)
-    try:
-        return engine._iteration(engine, batchdata)
-    finally:
+class RevisedChannels:
+    """Train handler: before each iteration hands the batch's revised-organ mask (``REVISED_KEY``, (B, C))
+    to the loss (``MaskedChannelLoss.revised``), and takes it back after."""
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self.hand_over)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.take_back)
+
+    @staticmethod
+    def hand_over(engine) -> None:
+        batch = engine.state.batch
+        revised = batch.get(REVISED_KEY) if isinstance(batch, dict) else None
+        engine.loss_function.revised = None if revised is None else torch.as_tensor(revised).to(engine.state.device)
+
+    @staticmethod
+    def take_back(engine) -> None:
         engine.loss_function.revised = None
+
+
+class AutocastDtype:
+    """Train handler: the autocast dtype of MONAI's ``SupervisedTrainer`` (``amp_kwargs``), which MONAI
+    Label's train task leaves at fp16."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def attach(self, engine) -> None:
+        engine.amp_kwargs = {**(getattr(engine, "amp_kwargs", None) or {}), "dtype": self.dtype}
 
 
 class SuPreMTrainer(BasicTrainTask):
@@ -148,8 +171,9 @@ class SuPreMTrainer(BasicTrainTask):
             "dataloader": "DataLoader",
             "tracking": "None",
         }
+        self.train_dir = os.path.join(model_dir, f"train_{backbone}")  # one run folder per request name
         super().__init__(
-            model_dir=os.path.join(model_dir, f"train_{backbone}"),
+            model_dir=self.train_dir,
             description=description or f"Fine-tune SuPreM {backbone} on final labels",
             config=config,
             # Mixed precision where it pays: on a GPU (torch.autocast("cuda")); fp32 on the CPU.
@@ -157,6 +181,9 @@ class SuPreMTrainer(BasicTrainTask):
             publish_path=None,  # published by _publish, atomically, once training has finished
             stats_path=os.path.join(model_dir, f"train_{backbone}_stats.json"),
             labels={n: CLASS_INDEX[n] for n in self.label_names},
+            final_filename=FINAL_CHECKPOINT,
+            key_metric_filename=BEST_CHECKPOINT,
+            model_dict_key=MODEL_KEY,
         )
 
     # --- request values -------------------------------------------------------------------------------
@@ -185,8 +212,9 @@ class SuPreMTrainer(BasicTrainTask):
     def loss_function(self, context: Context):
         return fine_tuning_loss(self.channels, self.pseudo_weight)
 
-    def train_iteration_update(self, context: Context):
-        return masked_iteration
+    def train_handlers(self, context: Context):
+        handlers = super().train_handlers(context) + [RevisedChannels()]
+        return handlers + ([AutocastDtype(self.amp_dtype)] if self.amp_dtype is not None else [])
 
     def lr_scheduler_handler(self, context: Context):
         return None
@@ -258,17 +286,28 @@ class SuPreMTrainer(BasicTrainTask):
             )
         }
 
-    def _dataset(self, context, datalist, is_train, replace_rate=0.25):
-        if not self.cache_dir:
-            return super()._dataset(context, datalist, is_train, replace_rate)
-        if context.multi_gpu:  # each rank takes its share, as MONAI Label's own _dataset does
+    def train_data_loader(self, context, num_workers=0, shuffle=True):
+        dataset, datalist = self.dataset(context, context.train_datalist, is_train=True)
+        logger.info(f"{self.backbone}: {len(datalist)} training records")
+        return DataLoader(dataset, batch_size=context.train_batch_size, shuffle=shuffle, num_workers=num_workers)
+
+    def val_data_loader(self, context, num_workers=0):
+        dataset, datalist = self.dataset(context, context.val_datalist, is_train=False)
+        logger.info(f"{self.backbone}: {len(datalist)} validation records")
+        return DataLoader(dataset, batch_size=context.val_batch_size, shuffle=False, num_workers=num_workers)
+
+    def dataset(self, context, datalist: List[Dict], is_train: bool):
+        """(dataset, datalist) of this process: its share of ``datalist`` under several GPUs, pre-processed
+        in memory (MONAI's ``CacheDataset``) or, with ``cache_dir``, on disk and kept across rounds."""
+        if context.multi_gpu:  # each rank takes its share, as MONAI Label's own loaders do
             world_size = torch.distributed.get_world_size()
             if len(datalist) // world_size:
                 datalist = partition_dataset(data=datalist, num_partitions=world_size, even_divisible=True)[
                     context.local_rank
                 ]
-        pre = self.train_pre_transforms(context) if is_train else self.val_pre_transforms(context)
-        transforms = self._validate_transforms(pre, "Training" if is_train else "Validation", "pre")
+        transforms = Compose(self.train_pre_transforms(context) if is_train else self.val_pre_transforms(context))
+        if not self.cache_dir:
+            return CacheDataset(datalist, transforms), datalist
         cache = open_cache(
             self.cache_dir,
             "train" if is_train else "val",
@@ -284,17 +323,8 @@ class SuPreMTrainer(BasicTrainTask):
         logger.info(f"{self.backbone}: {len(train)} training and {len(val)} validation images (kept split)")
         return train, val
 
-    def _create_trainer(self, context: Context):
-        trainer = super()._create_trainer(context)
-        if self.amp_dtype is not None:
-            trainer.amp_kwargs = {"dtype": self.amp_dtype}  # BasicTrainTask only offers fp16
-        return trainer
-
-    def _load_checkpoint(self, context, train_handlers):
-        pass  # weights are loaded in network() with the safe loader
-
     def load_path(self, output_dir, pretrained=True):
-        return None
+        return None  # weights are loaded in network() with the safe loader; MONAI Label then loads none
 
     # --- run, then publish ----------------------------------------------------------------------------
     def __call__(self, request, datastore: Datastore):
@@ -302,7 +332,7 @@ class SuPreMTrainer(BasicTrainTask):
         datalist = datastore.datalist()
         if not datalist:
             raise ValueError("no final labels to train on")
-        if {**self._config, **request}.get("multi_gpu"):
+        if {**self.config(), **request}.get("multi_gpu"):
             # torch.distributed's env:// rendezvous; MONAI Label sets these only for its own child processes.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -324,20 +354,20 @@ class SuPreMTrainer(BasicTrainTask):
         return count(datalist), count(val)
 
     def _best_checkpoint(self, name: str) -> Optional[str]:
-        out = os.path.join(self._model_dir, name)
-        for f in (self._key_metric_filename, self._final_filename):
+        out = os.path.join(self.train_dir, name)
+        for f in (BEST_CHECKPOINT, FINAL_CHECKPOINT):
             p = os.path.join(out, f)
             if os.path.exists(p):
                 return p
         return None
 
     def _publish(self, request: Dict, result: Dict, n_labels: int, seconds: float) -> Optional[str]:
-        name = {**self._config, **request}.get("name", "train_01")
+        name = {**self.config(), **request}.get("name", "train_01")
         src = self._best_checkpoint(name)
         if src is None:
             raise RuntimeError(f"{self.backbone}: training produced no checkpoint; the previous model stays")
         state = torch.load(src, map_location="cpu", weights_only=True)
-        state = state.get(self._model_dict_key, state) if isinstance(state, dict) else state
+        state = state.get(MODEL_KEY, state) if isinstance(state, dict) else state
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         net = build_network(self.backbone)
         net.load_state_dict(state, strict=True)

@@ -115,7 +115,7 @@ def test_training_data_is_reused_across_rounds_and_a_revised_label_is_loaded_aga
     cache = str(tmp_path / "cache")
     recipe = PRESETS["recipe"]
 
-    ds, _ = _trainer(tmp_path, registry, cache, recipe)._dataset(_context(), datalist, is_train=False)
+    ds, _ = _trainer(tmp_path, registry, cache, recipe).dataset(_context(), datalist, is_train=False)
     item = ds[0]
     (key,) = _key_dirs(cache, "val")
     (entry,) = _entries(os.path.join(cache, "val", key))
@@ -123,11 +123,11 @@ def test_training_data_is_reused_across_rounds_and_a_revised_label_is_loaded_aga
 
     # Round 2, another backbone or another process: read from disk.
     _mark(entry, "image")
-    ds2, _ = _trainer(tmp_path, registry, cache, recipe)._dataset(_context(), datalist, is_train=False)
+    ds2, _ = _trainer(tmp_path, registry, cache, recipe).dataset(_context(), datalist, is_train=False)
     assert torch.all(torch.as_tensor(ds2[0]["image"]) == MARK)
 
     # Training crops are random: only the part before the first random transform is cached.
-    tr, _ = _trainer(tmp_path, registry, cache, recipe)._dataset(_context(), datalist, is_train=True)
+    tr, _ = _trainer(tmp_path, registry, cache, recipe).dataset(_context(), datalist, is_train=True)
     crops = tr[0]
     assert isinstance(crops, list) and tuple(crops[0]["image"].shape[1:]) == (32, 32, 32)
     assert len(_entries(os.path.join(cache, "train", _key_dirs(cache, "train")[0]))) == 1
@@ -136,12 +136,12 @@ def test_training_data_is_reused_across_rounds_and_a_revised_label_is_loaded_aga
     revised = ph.label.copy()
     revised[revised == 1] = 0  # spleen removed
     nib.save(nib.Nifti1Image(revised, ph.affine), label)
-    ds3, _ = _trainer(tmp_path, registry, cache, recipe)._dataset(_context(), datalist, is_train=False)
+    ds3, _ = _trainer(tmp_path, registry, cache, recipe).dataset(_context(), datalist, is_train=False)
     item3 = ds3[0]
     assert not torch.all(torch.as_tensor(item3["image"]) == MARK)
     assert float(item["label"][0].sum()) > 0 and float(item3["label"][0].sum()) == 0  # channel 0 = spleen
 
     # A recipe change: new key, old entries removed.
-    _trainer(tmp_path, registry, cache, recipe.with_overrides(a_min=-200.0))._dataset(_context(), datalist, is_train=False)[0][0]
+    _trainer(tmp_path, registry, cache, recipe.with_overrides(a_min=-200.0)).dataset(_context(), datalist, is_train=False)[0][0]
     assert _key_dirs(cache, "val") != [key] and not os.path.exists(entry)
     assert np.isfinite(float(item3["image"].mean()))

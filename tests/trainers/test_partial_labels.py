@@ -17,7 +17,7 @@ from lib.data.phantoms import make_phantom, write_phantom
 from lib.datastore import CheckedLocalDatastore
 from lib.networks import build_network, load_checkpoint
 from lib.trainers.round import run_round
-from lib.trainers.segmentation import MaskedChannelLoss, SuPreMTrainer
+from lib.trainers.segmentation import MaskedChannelLoss, RevisedChannels, SuPreMTrainer
 from lib.transforms.recipe import PRESETS
 from support import synthetic_registry
 
@@ -79,7 +79,7 @@ def _output_grad_per_channel(tmp_path, registry, ds, pseudo_weight):
         optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
         loss_function=task.loss_function(context),
         inferer=task.train_inferer(context),
-        iteration_update=task.train_iteration_update(context),
+        train_handlers=[h for h in task.train_handlers(context) if isinstance(h, RevisedChannels)],
     )
     engine.run()
     return last.weight.grad.abs().flatten(1).sum(1), datalist
