@@ -66,6 +66,7 @@ def _output_grad_per_channel(tmp_path, registry, ds, pseudo_weight):
     task = _trainer(tmp_path, registry, pseudo_weight)
     context = Context()
     context.request = {"num_samples": 1}
+    context.events_dir = str(tmp_path / "events")  # the train handlers' TensorBoard folder
     datalist = task.pre_process({}, ds)
     loader = DataLoader(Dataset(datalist, Compose(task.train_pre_transforms(context))), batch_size=1, collate_fn=list_data_collate)
     net = build_network("segresnet")
