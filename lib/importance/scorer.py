@@ -19,7 +19,7 @@ from lib.importance.attention import AttentionResult, compute_attention
 from lib.transforms.labels import organ_masks
 from lib.transforms.cache import open_cache
 from lib.transforms.recipe import Recipe, inference_pre_transforms
-from lib.weights.registry import WeightsRegistry
+from lib.weights.registry import WeightsSource
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ class FixedWeights:
 
     def current_path(self, backbone: str) -> Optional[str]:
         return self.weights.get(backbone)
+
+    def info(self, backbone: str) -> Dict:
+        path = self.weights.get(backbone)
+        return {"backbone": backbone, "file": path} if path else {"backbone": backbone, "problem": "no model file given"}
 
 
 @dataclass
@@ -72,7 +76,7 @@ class VolumeScorer:
     def __init__(
         self,
         backbones: Sequence[str],
-        registry: WeightsRegistry,
+        registry: WeightsSource,
         labels: Sequence[str],
         recipe: Recipe,
         cache: Optional[NetworkCache] = None,

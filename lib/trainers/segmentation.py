@@ -263,8 +263,9 @@ class SuPreMTrainer(BasicTrainTask):
         return SimpleInferer()
 
     def val_inferer(self, context: Context):
-        # Validate as the infer task predicts: the recipe's window, not the (smaller) training crop.
-        return SlidingWindowInferer(roi_size=self.recipe.roi, sw_batch_size=1, overlap=0.25, mode="gaussian")
+        # Validate as the infer task predicts: the recipe's window (not the training crop), overlap and blending.
+        r = self.recipe
+        return SlidingWindowInferer(roi_size=r.roi, sw_batch_size=r.sw_batch_size, overlap=r.overlap, mode=r.blend)
 
     def train_key_metric(self, context: Context):
         from monai.handlers import MeanDice

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Protocol
 
 from lib.files import file_version, read_json
 
@@ -30,6 +30,18 @@ RELEASED_FILES: Dict[str, str] = {
 }
 
 
+class WeightsSource(Protocol):
+    """What the networks ask of a registry: whether a backbone has weights, which file, and what to say of
+    it. ``WeightsRegistry`` is one; ``lib.importance.scorer.FixedWeights`` (fixed files, e.g. in a Ray
+    worker) another."""
+
+    def available(self, backbone: str) -> bool: ...
+
+    def current_path(self, backbone: str) -> Optional[str]: ...
+
+    def info(self, backbone: str) -> Dict: ...
+
+
 @dataclass
 class ModelWeights:
     """What a backbone runs on. ``base`` is the released or starter file the fine-tuned model grew from."""
@@ -38,7 +50,6 @@ class ModelWeights:
     base: Optional[str] = None
     base_source: str = "none"  # released | starter | none
     problem: Optional[str] = None
-    extra: Dict = field(default_factory=dict)
 
     def as_info(self, published: Optional[str]) -> Dict:
         info = {"backbone": self.backbone, "source": self.base_source, "file": self.base}

@@ -123,3 +123,18 @@ def test_a_ray_worker_loads_the_volume_it_is_told_of_while_it_scores(tmp_path, s
     expected = score_one(scorer, paths[0])
     assert {k: got[0].get(k) for k in SAME} == {k: expected.get(k) for k in SAME}
     assert "could not read" in got[1]["error"] and "score" in got[0]
+
+
+def test_a_scorer_built_from_its_spec_says_which_backbone_has_no_model_file(tmp_path):
+    # What a Ray worker builds: fixed model files; a backbone without one is named, not a crash.
+    from lib.classes import LABEL_SETS
+    from lib.importance.scorer import ScorerSpec
+    from lib.transforms.recipe import PRESETS
+    from support import synthetic_registry
+
+    registry = synthetic_registry(tmp_path)
+    spec = ScorerSpec(["segresnet", "unet"], {"segresnet": registry.current_path("segresnet")}, LABEL_SETS["atlas9"],
+                      PRESETS["demo"])
+    scorer = spec.build(device="cpu")
+    assert scorer.active() == ["segresnet"]
+    assert scorer.backbones.why_unavailable() == "segresnet: no weights; unet: no model file given"

@@ -143,3 +143,12 @@ def test_every_crop_has_the_window_shape_when_its_axial_plane_is_not_square(tmp_
         turned += any("RandRotate90d" in str(op.get("class", "")) and op.get("do_transforms")
                       for c in batch for op in c["image"].applied_operations)
     assert turned, "no draw turned the volume: the test did not exercise the rotation"
+
+
+def test_validation_slides_the_recipes_window_overlap_blending_and_batch(tmp_path):
+    recipe = RECIPE.with_overrides(overlap=0.6, sw_batch_size=3)
+    trainer = SuPreMTrainer("segresnet", synthetic_registry(tmp_path), ORGANS, recipe, model_dir=str(tmp_path / "m"),
+                            split_file=str(tmp_path / "split.json"), roi=(8, 8, 8))
+    inferer = trainer.val_inferer(None)
+    slid = (tuple(inferer.roi_size), inferer.overlap, str(inferer.mode), inferer.sw_batch_size)
+    assert slid == (recipe.roi, 0.6, str(recipe.blend), 3)
