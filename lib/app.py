@@ -16,15 +16,13 @@ from lib.datastore import labeled_images_now, revision_progress
 from lib.infers.attention import AttentionInfer
 from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
-from lib.networks import validate_checkpoint
 from lib.rounds.manager import RoundManager
 from lib.trainers.round import RoundTrainTask, run_round
 from lib.trainers.segmentation import SuPreMTrainer
-from lib.importance.engines import make_engine
+from lib.importance.configured import scoring_engine, volume_scorer, weights_registry
 from lib.monailabel_private import cancel_queued_tasks, queue_threads_alive, retype
 from lib.stopping import end_child_processes, install_stop_handlers, on_stop, stop_reason
 from lib.scoring.importance import ImportanceScoring
-from lib.importance.scorer import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
 from lib.transforms.recipe import PRESETS, recipe_fit
 from lib.weights import WeightsRegistry
@@ -182,15 +180,7 @@ def fine_tuning_tasks(cfg: AppConfig, registry: WeightsRegistry, model_dir: str,
 
 def resolved_registry(cfg: AppConfig, model_dir: str) -> WeightsRegistry:
     """The weights of each configured backbone, found (or downloaded) now; misfits logged."""
-    registry = WeightsRegistry(
-        model_dir,
-        validate=validate_checkpoint,
-        weights_dir=cfg.weights_dir,
-        use_pretrained_model=cfg.use_pretrained_model,
-        endpoint=cfg.hf_endpoint,
-    )
-    for b in cfg.models:
-        registry.resolve(b)
+    registry = weights_registry(cfg, model_dir)
     for b, why in weights_misfits(registry, cfg).items():
         logger.warning(f"{b}: {why}")
     return registry
@@ -217,27 +207,12 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
     tasks.state_dir = state_dir
     # Pre-processed volumes on disk, reused by later rounds (scoring and training); keyed by the recipe.
     cache_dir = (cfg.cache_dir or os.path.join(state_dir, "cache")) if cfg.preprocess_cache else None
-    scorer = VolumeScorer(
-        cfg.models,
-        registry,
-        cfg.labels,
-        cfg.recipe,
-        cache,
-        device=cfg.device,
-        entropy=cfg.entropy,
-        normalise_score=cfg.normalise_score,
-        cache_dir=cache_dir,
-    )
+    scorer = volume_scorer(cfg, registry, cache, cache_dir)
     tasks.infers["attention"] = AttentionInfer(scorer)
     if on.train:
         tasks.trainers.update(fine_tuning_tasks(cfg, registry, model_dir, state_dir, cache_dir))
     if on.scoring:
-        ray_options = (
-            dict(address=cfg.ray_address, workers=cfg.ray_workers, gpus_per_worker=cfg.ray_gpus_per_worker)
-            if cfg.scoring_engine == "ray"
-            else {}
-        )
-        tasks.scoring["importance"] = ImportanceScoring(scorer, engine=make_engine(scorer, cfg.scoring_engine, **ray_options))
+        tasks.scoring["importance"] = ImportanceScoring(scorer, engine=scoring_engine(scorer, cfg))
     if on.strategy:
         tasks.strategies.update(
             {

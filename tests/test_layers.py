@@ -23,9 +23,9 @@ LAYERS = [
     "transforms",  # the SuPreM recipe as MONAI transforms
     "networks",  # architectures, checkpoints, sliding-window probabilities
     "weights",  # where each backbone's weights come from
+    "config",  # the app's --conf (the offline ranking's too)
     "importance",  # the importance engine: formula, scorer, engines, offline ranking, records
     "errors",  # failures as HTTP answers
-    "config",  # the app's --conf
     "monailabel_private",  # MONAI Label's private names, in one adapter
     "datastore",  # MONAI Label adapters from here up
     "strategies",

@@ -1,6 +1,10 @@
 """Rank a whole study folder offline: score every CT, write an AbdomenAtlas-style priority CSV.
 
-    python -m lib.importance.rank STUDIES --out ranking.csv [--models all] [--weights-dir DIR]
+    python -m lib.importance.rank STUDIES --out ranking.csv [--models all] [--weights-dir DIR] [--conf KEY VALUE]
+
+Its settings are the server's: every option is a server ``--conf`` key, parsed by the app's own
+``lib.config.parse_conf`` with the server's defaults (``--conf`` takes any other key, e.g.
+``--conf normalise_score true``), so the CSV ranks as the server does.
 
 One JSON record per volume is written (atomically) beside the CSV as it finishes, so an interrupted
 run loses at most the volume in progress and a re-run scores only what is missing or stale (other
@@ -20,11 +24,11 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List
 
+from lib.config import AppConfig, ConfError, parse_conf
 from lib.files import atomic_open, file_stamp, read_json, write_json_atomic
-from lib.importance.engines import ENGINES, InProcessEngine, make_engine, shutdown_ray
+from lib.importance.engines import ENGINES, InProcessEngine, shutdown_ray
 from lib.importance.records import is_current, is_scored
 from lib.stopping import install_stop_handlers
-from lib.transforms.recipe import AMP_MODES, PRESETS
 
 logger = logging.getLogger("lib.importance.rank")
 
@@ -131,34 +135,29 @@ def _progress_bar(total: int):
     return tqdm(total=total, unit="volume", desc="scoring")
 
 
-def build_scorer(args):
-    from lib.networks import validate_checkpoint
-    from lib.classes import label_set
-    from lib.networks import BACKBONES
-    from lib.importance.scorer import VolumeScorer
-    from lib.weights import WeightsRegistry
+# Options that are server --conf keys (option dest -> key); --download is use_pretrained_model.
+CONF_OPTIONS = {
+    "models": "models", "labels": "labels", "weights_dir": "weights_dir", "preset": "preset", "overlap": "overlap",
+    "sw_batch_size": "sw_batch_size", "amp": "amp", "tf32": "tf32", "entropy": "entropy", "device": "device",
+    "cache_dir": "cache_dir", "engine": "scoring_engine", "ray_address": "ray_address", "workers": "ray_workers",
+    "gpus_per_worker": "ray_gpus_per_worker",
+}
 
-    models = list(BACKBONES) if args.models == "all" else args.models.split(",")
-    registry = WeightsRegistry(
-        args.model_dir, validate_checkpoint, weights_dir=args.weights_dir, use_pretrained_model=args.download
-    )
-    for b in models:
-        registry.resolve(b)
-    tf32 = {"true": True, "false": False}.get(args.tf32)
-    recipe = PRESETS[args.preset].with_overrides(
-        overlap=args.overlap, sw_batch_size=args.sw_batch_size, amp=args.amp, tf32=tf32
-    )
-    scorer = VolumeScorer(
-        models,
-        registry,
-        label_set(args.labels),
-        recipe,
-        device=args.device,
-        entropy=args.entropy,
-        cache_dir=args.cache_dir or None,
-    )
+
+def ranking_config(args) -> AppConfig:
+    """The server's config from the command line: its options and ``--conf`` pairs, through parse_conf."""
+    conf = {key: str(getattr(args, dest)) for dest, key in CONF_OPTIONS.items() if getattr(args, dest) is not None}
+    conf["use_pretrained_model"] = "true" if args.download else "false"
+    conf.update(dict(args.conf))
+    return parse_conf(conf)
+
+
+def build_scorer(cfg: AppConfig, model_dir: str):
+    from lib.importance.configured import volume_scorer, weights_registry
+
+    scorer = volume_scorer(cfg, weights_registry(cfg, model_dir), cache_dir=cfg.cache_dir)
     if not scorer.active():
-        raise SystemExit(f"no weights for {', '.join(models)}: pass --weights-dir or --model-dir")
+        raise SystemExit(f"no weights for {', '.join(cfg.models)}: pass --weights-dir or --model-dir")
     return scorer
 
 
@@ -168,32 +167,39 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("studies", help="folder of CT files (NIfTI or NRRD)")
     p.add_argument("--out", default="ranking.csv", help="CSV to write (per-volume records go to OUT.parts/)")
-    p.add_argument("--models", default="all", help="all, or a comma list of unet,swinunetr,segresnet")
-    p.add_argument("--labels", default="atlas25", choices=("atlas25", "atlas9", "all32"))
-    p.add_argument("--weights-dir", default=None, help="folder holding the released .pth files")
-    p.add_argument("--model-dir", default=os.path.join(root, "apps", "suprem", "model"))
+    # Server --conf keys (defaults: the server's, from parse_conf).
+    p.add_argument("--models", help="all (default), or a comma list of unet,swinunetr,segresnet")
+    p.add_argument("--labels", help="a label set of the server's (default atlas25)")
+    p.add_argument("--weights-dir", help="folder holding the released .pth files")
     p.add_argument("--download", action="store_true", help="download missing released weights")
-    p.add_argument("--preset", default="recipe", choices=tuple(PRESETS))
-    p.add_argument("--overlap", type=float, default=None)
-    p.add_argument("--sw-batch-size", type=int, default=None)
-    p.add_argument("--amp", default=None, choices=AMP_MODES)
-    p.add_argument("--tf32", default=None, choices=("true", "false"), help="TF32 on a GPU (default: torch's)")
-    p.add_argument("--entropy", default="positive", choices=("positive", "binary"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache-dir", default=None,
-                   help="keep pre-processed volumes here for the next run (keyed by recipe and file)")
-    p.add_argument("--engine", default="inprocess", choices=ENGINES,
-                   help="inprocess, or ray: one Ray worker per GPU (or CPU core), local unless --ray-address")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (auto, ray://host:10001)")
-    p.add_argument("--workers", type=int, default=0, help="Ray workers (default: GPUs, else CPU cores)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when Ray has GPUs, else 0")
+    p.add_argument("--preset", help="a server preset (default recipe)")
+    p.add_argument("--overlap")
+    p.add_argument("--sw-batch-size")
+    p.add_argument("--amp")
+    p.add_argument("--tf32", help="true/false: TF32 on a GPU (default: torch's)")
+    p.add_argument("--entropy", help="positive (default) or binary")
+    p.add_argument("--device")
+    p.add_argument("--cache-dir", help="keep pre-processed volumes here for the next run (keyed by recipe and file)")
+    p.add_argument("--engine", help=f"{' or '.join(ENGINES)}: ray runs one worker per GPU (or CPU core), local "
+                   "unless --ray-address")
+    p.add_argument("--ray-address", help="join this Ray cluster (auto, ray://host:10001)")
+    p.add_argument("--workers", help="Ray workers (default: GPUs, else CPU cores)")
+    p.add_argument("--gpus-per-worker", help="default: 1 when Ray has GPUs, else 0")
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="any other server --conf key, e.g. --conf normalise_score true")
+    p.add_argument("--model-dir", default=os.path.join(root, "apps", "suprem", "model"))
     p.add_argument("--retries", type=int, default=1, help="Ray: restarts of a dead worker and retries of its volume")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        args.cfg = ranking_config(args)
+    except ConfError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     install_stop_handlers()  # SIGTERM unwinds like Ctrl-C: the CSV is written, a local Ray is shut down
     try:
@@ -207,17 +213,10 @@ def main(argv=None) -> int:
 
 
 def _rank(args) -> int:
-    scorer = build_scorer(args)
-    engine = make_engine(
-        scorer,
-        args.engine,
-        **(
-            dict(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                 retries=args.retries)
-            if args.engine == "ray"
-            else {}
-        ),
-    )
+    from lib.importance.configured import scoring_engine
+
+    scorer = build_scorer(args.cfg, args.model_dir)
+    engine = scoring_engine(scorer, args.cfg, **({"retries": args.retries} if args.cfg.scoring_engine == "ray" else {}))
     run = rank_folder(scorer, args.studies, args.out, progress=not args.no_progress, engine=engine)
     n_ok = sum(1 for r in run.records.values() if is_scored(r))
     print(f"{n_ok} of {len(study_files(args.studies))} volumes scored; priority list: {args.out}")

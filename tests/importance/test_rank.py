@@ -121,3 +121,23 @@ def test_a_ranking_stopped_mid_run_leaves_a_csv_of_what_it_scored_and_a_rerun_sc
     assert any(f"3 studies, {len(done)} already scored, {3 - len(done)} to score" in r.getMessage()
                for r in caplog.records)
     assert sorted(r["id"] for r in _read(out)) == ["v0", "v1", "v2"]
+
+
+def test_the_ranking_takes_the_servers_settings_through_the_servers_parser(tmp_path, capsys):
+    from lib.config import parse_conf
+    from lib.importance.configured import volume_scorer
+    from lib.importance.rank import parser, ranking_config
+    from support import synthetic_registry
+
+    argv = ["studies", "--models", "segresnet", "--preset", "demo", "--overlap", "0.5", "--entropy", "binary",
+            "--conf", "normalise_score", "true"]
+    cfg = ranking_config(parser().parse_args(argv))
+    assert cfg == parse_conf({"models": "segresnet", "preset": "demo", "overlap": "0.5", "entropy": "binary",
+                              "normalise_score": "true", "use_pretrained_model": "false"})
+    scorer = volume_scorer(cfg, synthetic_registry(tmp_path))
+    assert (scorer.normalise_score, scorer.entropy, scorer.recipe.overlap) == (True, "binary", 0.5)
+    for bad, says in ((["--models", "resnet"], "--conf models: unknown resnet"),
+                      (["--labels", "atlas7"], "--conf labels 'atlas7'")):
+        with pytest.raises(SystemExit):
+            main(["studies", *bad])
+        assert says in capsys.readouterr().err
