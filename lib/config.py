@@ -9,6 +9,12 @@ from lib.classes import CLASS_INDEX, DEFAULT_LABEL_SET, LABEL_MAPS, LABEL_SETS, 
 from lib.networks import BACKBONES
 from lib.transforms.recipe import AMP_MODES, PRESETS, Recipe
 
+# Fine-tuning defaults, written once: the --conf keys' and the train task's own.
+TRAIN_EPOCHS = 50
+TRAIN_NUM_SAMPLES = 2  # crops of one image per step
+VAL_FRACTION = 0.2
+TRAIN_AMP = "bf16"
+
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -165,11 +171,11 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         hold_s=_number(conf, "hold_s", float, 1800.0),
         state_dir=conf.get("state_dir") or None,
         train_roi=_window(conf, "train_roi"),
-        train_epochs=_number(conf, "train_epochs", int, 50),
-        train_num_samples=_number(conf, "train_num_samples", int, 2),
+        train_epochs=_number(conf, "train_epochs", int, TRAIN_EPOCHS),
+        train_num_samples=_number(conf, "train_num_samples", int, TRAIN_NUM_SAMPLES),
         train_label_map=_label_map(conf.get("train_label_map")),
-        train_amp=_choice(conf, "train_amp", AMP_MODES, default="bf16"),
-        val_fraction=_number(conf, "val_fraction", float, 0.2),
+        train_amp=_choice(conf, "train_amp", AMP_MODES, default=TRAIN_AMP),
+        val_fraction=_number(conf, "val_fraction", float, VAL_FRACTION),
         round_every_labels=_number(conf, "round_every_labels", int, 0),
         round_interval_s=_number(conf, "round_interval_s", float, 0.0),
         preprocess_cache=_bool(conf, "preprocess_cache", True),

@@ -18,6 +18,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.classes import CLASS_INDEX
+from lib.config import TRAIN_AMP, TRAIN_EPOCHS, TRAIN_NUM_SAMPLES, VAL_FRACTION
 from lib.networks import build_network, load_checkpoint, save_checkpoint
 from lib.trainers.split import persistent_split
 from lib.transforms.cache import open_cache
@@ -127,14 +128,14 @@ class SuPreMTrainer(BasicTrainTask):
         model_dir: str,
         split_file: str,
         roi: Optional[Sequence[int]] = None,
-        max_epochs: int = 50,
-        num_samples: int = 2,
+        max_epochs: int = TRAIN_EPOCHS,
+        num_samples: int = TRAIN_NUM_SAMPLES,
         lr: float = LEARNING_RATE,
-        val_fraction: float = 0.2,
+        val_fraction: float = VAL_FRACTION,
         label_map: Optional[Dict[int, int]] = None,
         description: str = "",
         publish_to: Optional[str] = None,
-        amp: str = "bf16",
+        amp: str = TRAIN_AMP,
         cache_dir: Optional[str] = None,
         gpus: str = "all",
         pseudo_weight: float = 0.0,
@@ -238,7 +239,7 @@ class SuPreMTrainer(BasicTrainTask):
             self.recipe,
             self.class_indices,
             self._roi(context),
-            num_samples=int(context.request.get("num_samples", 2)),
+            num_samples=int(context.request.get("num_samples", TRAIN_NUM_SAMPLES)),
             label_map=self.label_map,
         ) + [_ChannelMaskd(REVISED_KEY)]
 

@@ -13,6 +13,7 @@ import os
 import threading
 from typing import Dict, List, Sequence, Tuple
 
+from lib.config import VAL_FRACTION
 from lib.files import write_json_atomic
 
 _lock = threading.Lock()
@@ -29,7 +30,7 @@ def _side_for(key: str, val_fraction: float, seed: int) -> str:
 
 
 def persistent_split(
-    datalist: Sequence[Dict], split_file: str, val_fraction: float = 0.2, seed: int = 0, min_train: int = 1
+    datalist: Sequence[Dict], split_file: str, val_fraction: float = VAL_FRACTION, seed: int = 0, min_train: int = 1
 ) -> Tuple[List[Dict], List[Dict]]:
     """Split ``datalist`` by the sides recorded in ``split_file``; new images get a side and are recorded.
 
