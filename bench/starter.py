@@ -32,7 +32,7 @@ def site_dice(model, studies) -> dict:
     import nibabel as nib
     import numpy as np
 
-    from bench.simulation.dice import organ_dice, summarise
+    from lib.metrics import organ_dice, summarise
 
     per_volume = {}
     for s in studies:

@@ -42,27 +42,19 @@ STARTER_LABELS = "atlas9"
 STARTER_BATCH = 2
 
 
-def train_starter(registry: WeightsRegistry, work_dir: str, labels: List[str], recipe: Recipe, n: int, iters: int,
-                  seed: int, batch: int = STARTER_BATCH) -> str:
-    """Train starter SegResNet weights on ``n`` labelled phantoms for about ``iters`` crops of the recipe's
-    window, ``batch`` crops of one phantom per step; returns the published file."""
+def train_phantom_starter(registry: WeightsRegistry, work_dir: str, labels: List[str], recipe: Recipe, n: int,
+                          iters: int, seed: int, batch: int = STARTER_BATCH) -> str:
+    """Starter SegResNet weights (``lib.trainers.starter``) on ``n`` labelled phantoms for about ``iters``
+    crops of the recipe's window, ``batch`` crops of one phantom per step; returns the published file."""
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.trainers.segmentation import SuPreMTrainer
+    from lib.trainers.starter import train_starter
 
     studies = os.path.join(work_dir, "studies")
     make_sample_studies(studies, n=n, seed=seed, with_labels=True, label_dir=os.path.join(studies, "labels", "final"))
     datastore = LocalDatastore(studies, extensions=("*.nii.gz",), auto_reload=False)
-    epochs = max(1, math.ceil(iters / (n * batch)))
-    trainer = SuPreMTrainer(
-        "segresnet", registry, labels, recipe,
-        model_dir=os.path.join(work_dir, "model"), split_file=os.path.join(work_dir, "split.json"),
-        max_epochs=epochs, num_samples=batch, lr=3e-3, val_fraction=0.0, amp="none",
-        publish_to=registry.starter_path("segresnet"),
-    )
-    result = trainer({"name": "starter", "max_epochs": epochs, "num_samples": batch, "lr": 3e-3,
-                      "source": "starter (phantoms)", "device": "cpu"}, datastore)
-    return result["published"]
+    return train_starter(datastore, registry, labels, recipe, work_dir, steps=math.ceil(iters / batch),
+                         crops_per_step=batch)
 
 
 def heldout_dice(registry: WeightsRegistry, folder: str, labels: List[str], recipe: Recipe, n: int,
@@ -71,30 +63,21 @@ def heldout_dice(registry: WeightsRegistry, folder: str, labels: List[str], reci
     starter through the app's infer task: what the demo's server answers."""
     import nibabel as nib
     import numpy as np
-    import torch
-    from monai.metrics import compute_dice
-    from monai.networks.utils import one_hot
 
     from lib.infers.segmentation import SuPreMSegmentation
+    from lib.metrics import organ_dice, summarise
     from lib.networks.inference import NetworkCache
 
     label_dir = os.path.join(folder, "labels")
     images = make_sample_studies(folder, n=n, seed=seed, with_labels=True, label_dir=label_dir)
     infer = SuPreMSegmentation(["segresnet"], registry, labels, recipe, NetworkCache())
     classes = [CLASS_INDEX[o] for o in labels]
-    scores = []
+    per_volume = []
     for image in images:
         _, data = infer({"image": image, "device": "cpu", "skip_writer": "true", "logging": "WARNING"})
-        pred = torch.as_tensor(np.asarray(data["pred"]), dtype=torch.long)
-        truth = torch.as_tensor(np.asarray(nib.load(os.path.join(label_dir, os.path.basename(image))).dataobj),
-                                dtype=torch.long)
-        both = [one_hot(torch.isin(x, torch.tensor(classes)) * x, max(classes) + 1, dim=0)[None] for x in
-                (pred[None], truth[None])]
-        scores.append(compute_dice(both[0], both[1], include_background=True, ignore_empty=True)[0, classes])
-    per_organ = torch.nanmean(torch.stack(scores), 0)
-    out = {o: round(float(v), 3) for o, v in zip(labels, per_organ)}
-    out["mean"] = round(float(torch.nanmean(per_organ)), 3)
-    return out
+        truth = np.asarray(nib.load(os.path.join(label_dir, os.path.basename(image))).dataobj)
+        per_volume.append(organ_dice(np.asarray(data["pred"]), truth, classes))
+    return {o: round(v, 3) for o, v in summarise(per_volume, labels).items()}
 
 
 def describe_starter(path: str, recipe: Recipe, labels_name: str, n: int, iters: int, seconds: float,
@@ -157,8 +140,8 @@ def main(argv=None) -> int:
         work = os.path.join(os.path.dirname(os.path.abspath(args.studies)), "starter-train")
         recipe, labels = PRESETS[STARTER_PRESET], label_set(STARTER_LABELS)
         start = time.time()
-        path = train_starter(registry, work, labels, recipe, args.starter_n, args.starter_iters, 10_000 + args.seed,
-                             args.starter_batch)
+        path = train_phantom_starter(registry, work, labels, recipe, args.starter_n, args.starter_iters,
+                                     10_000 + args.seed, args.starter_batch)
         seconds = time.time() - start
         registry.resolve("segresnet")
         dice = heldout_dice(registry, os.path.join(work, "heldout"), labels, recipe, args.heldout, 20_000 + args.seed)

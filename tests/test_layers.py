@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bottom first. A part is a folder of lib/ or a module directly in lib/.
 LAYERS = [
     "classes",  # the class tables
+    "metrics",  # Dice of label maps
     "files",  # atomic writes, file versions
     "stopping",  # the stop flag, signal handlers, ending child processes
     "data",  # synthetic phantoms

@@ -29,18 +29,19 @@ from lib.classes import CLASS_INDEX, LABEL_SETS
 from lib.datastore import CheckedLocalDatastore
 from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
+from lib.metrics import organ_dice, summarise
 from lib.importance.records import INFO_KEY
 from lib.scoring.importance import ImportanceScoring
 from lib.importance.scorer import VolumeScorer
 from lib.strategies.importance import ImportanceStrategy
 from lib.trainers.segmentation import SuPreMTrainer
+from lib.trainers.starter import train_starter
 from lib.transforms.recipe import Recipe
 from lib.weights import WeightsRegistry
 
 from .annotator import SimulatedAnnotator
 from .config import STRATEGIES, SimConfig, arm_name
 from .data import Study, make_studies
-from .dice import organ_dice, summarise
 from .uncertainty import ENTROPY_KEY, mean_binary_entropy
 
 BACKBONE = "segresnet"
@@ -162,9 +163,9 @@ def starter_sites(cfg: SimConfig) -> List[str]:
     return [s.strip() for s in cfg.starter_site.split(",") if s.strip()]
 
 
-def train_starter(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
-    """The 'pre-trained backbone': SegResNet from scratch on ``n_starter`` phantoms of one site, with the
-    project's trainer; published to ``dest``."""
+def starter_of(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
+    """The 'pre-trained backbone': SegResNet from scratch on ``n_starter`` phantoms of the starter's sites,
+    with the app's ``train_starter``; published to ``dest``."""
     folder = os.path.join(work, "starter")
     shutil.rmtree(folder, ignore_errors=True)
     studies_dir = os.path.join(folder, "studies")
@@ -172,10 +173,14 @@ def train_starter(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
                  cfg.starter_seed, cfg, sites=starter_sites(cfg), hard_fraction=0.0)
     ds = LocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    m = Model(cfg, os.path.join(folder, "model"), None, os.path.join(folder, "split.json"), publish_to=dest)
+    model_dir = os.path.join(folder, "model")
+    registry = WeightsRegistry(model_dir, validate_checkpoint, use_pretrained_model=False)
+    registry.resolve(BACKBONE)  # nothing there: trained from scratch
     t = time.time()
-    info = m.train(ds, "starter", cfg.starter_iters, cfg.starter_seed)
-    log(f"starter: {cfg.n_starter} phantoms of site(s) {cfg.starter_site}, {info['epochs']} epochs, {time.time() - t:.0f} s")
+    train_starter(ds, registry, labels_of(cfg), recipe_of(cfg), folder, steps=cfg.starter_iters,
+                  crops_per_step=cfg.num_samples, lr=cfg.lr, seed=cfg.starter_seed, publish_to=dest, device=DEVICE,
+                  source="simulation starter")
+    log(f"starter: {cfg.n_starter} phantoms of site(s) {cfg.starter_site}, {cfg.starter_iters} steps, {time.time() - t:.0f} s")
     shutil.rmtree(folder, ignore_errors=True)
     return dest
 
@@ -189,7 +194,7 @@ def cached_starter(cfg: SimConfig, work: str, log: Log, cache: str = STARTER_CAC
     setting trains a new one and an unchanged one is reused by every script and seed."""
     path = os.path.join(cache, f"starter_{cfg.name}_{cfg.starter_key()}.pth")
     if fresh or not os.path.exists(path):
-        train_starter(cfg, work, path, log)
+        starter_of(cfg, work, path, log)
     else:
         log(f"starter: reusing {path}")
     return path

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 
-from bench.simulation.dice import organ_dice
+from lib.metrics import organ_dice
 from lib.classes import CLASS_INDEX, LABEL_SETS
 from lib.config import parse_conf
 from support import Server

@@ -16,7 +16,7 @@ import pytest
 from bench.simulation import report
 from bench.simulation.annotator import organ_revision
 from bench.simulation.config import PRESETS, get_config
-from bench.simulation.dice import organ_dice, summarise
+from lib.metrics import organ_dice, summarise
 from lib.classes import CLASS_INDEX, LABEL_SETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("simulation")
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "simulate.py"), "--config", "tiny", "--out", str(out),
+        [sys.executable, "-m", "bench.simulate", "--config", "tiny", "--out", str(out),
          "--starter-cache", str(out / "starters")],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
     )
