@@ -104,7 +104,7 @@ class UniversalModel(nn.Module):
         n = x.shape[2]
         budget = _CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _CHUNK_ELEMENTS_GPU
         chunk = max(1, budget // (b * c * k))
-        out = x.new_empty(b, c, n)
+        out = x.new_empty((b, c, n))  # a tuple: MONAI's MetaTensor.new_empty takes no varargs (training batches are MetaTensors)
         for start in range(0, n, chunk):
             y = torch.baddbmm(b1, w1, x[:, :, start : start + chunk]).relu_()
             y = torch.baddbmm(b2, w2, y.reshape(b * c, k, -1)).relu_()

@@ -133,3 +133,18 @@ def test_universal_head_equals_per_sample_grouped_conv_reference_with_gradients(
     assert torch.allclose(ours, ref, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_universal_head_takes_monai_metatensors_as_training_batches_are():
+    # MONAI's data loader gives MetaTensors; MetaTensor.new_empty takes no varargs size (fine-tuning the U-Net
+    # and Swin UNETR failed on a GPU machine with "argument 'size' must be tuple of ints").
+    from monai.data import MetaTensor
+
+    torch.manual_seed(0)
+    features = (MetaTensor(torch.randn(2, 32, 2, 2, 2)), MetaTensor(torch.randn(2, 16, 3, 4, 5)))
+    model = UniversalModel(_FixedFeatures(*features), out_channels=5)
+    out = model(torch.ones(1))
+    assert out.shape == (2, 5, 3, 4, 5)
+    plain = UniversalModel(_FixedFeatures(*(torch.as_tensor(f) for f in features)), out_channels=5)
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(torch.as_tensor(out), plain(torch.ones(1)), atol=1e-6)
