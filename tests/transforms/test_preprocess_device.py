@@ -40,5 +40,5 @@ def test_a_gpu_scorer_caches_its_preprocessing_on_the_host(tmp_path):
     first = scorer.preprocess(path)  # made on the GPU, stored from the host
     again = scorer.preprocess(path)  # read from the cache
     assert first.device.type == "cpu" and again.device.type == "cpu"
-    torch.testing.assert_close(first.as_tensor(), again.as_tensor())
+    torch.testing.assert_close(torch.as_tensor(first), torch.as_tensor(again))
     assert (first - _working_grid(path)).abs().max().item() < 1e-4
