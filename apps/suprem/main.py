@@ -17,6 +17,7 @@ if _ROOT not in sys.path:
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
 from lib.app import build_tasks, checked_dicomweb_datastore, checked_local_datastore, stop_on_signals  # noqa: E402
+from lib.infers.segmentation import warm_label_writer  # noqa: E402
 from lib.errors import checked_image, checked_model, guarded  # noqa: E402
 from lib.stopping import stop_requested  # noqa: E402
 
@@ -52,6 +53,7 @@ class SuPreMApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
+        warm_label_writer()  # ITK's lazy loading, off the first infer request's path
         self.tasks.rounds.start()
 
     def on_save_label(self, image_id, label_id):
