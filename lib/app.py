@@ -212,7 +212,9 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
     if on.train:
         tasks.trainers.update(fine_tuning_tasks(cfg, registry, model_dir, state_dir, cache_dir))
     if on.scoring:
-        tasks.scoring["importance"] = ImportanceScoring(scorer, engine=scoring_engine(scorer, cfg))
+        # One scoring of the pool at a time, across the server's scoring and train (round) subprocesses.
+        lock = os.path.join(state_dir, "scoring.lock")
+        tasks.scoring["importance"] = ImportanceScoring(scorer, engine=scoring_engine(scorer, cfg), lock_path=lock)
     if on.strategy:
         tasks.strategies.update(
             {

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict
+from contextlib import contextmanager, nullcontext
+from typing import Dict, Optional
 
+from filelock import FileLock, Timeout
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
@@ -26,17 +28,23 @@ class ImportanceScoring(ScoringMethod):
     Stored under ``info["importance"]`` of the image in the datastore: score, organs by priority,
     attention volume per organ (mL), and the model files (versions) that produced them. An image
     already scored by the current models is skipped; a corrupt image is recorded with its error and
-    skipped; the run goes on. Runs never overlap (a second call waits for the first).
-    ``engine``: where the volumes are scored (``lib.importance.engines``: in this process, or on Ray).
+    skipped; the run goes on. ``engine``: where the volumes are scored (``lib.importance.engines``: in
+    this process, or on Ray).
+
+    One scoring of a pool at a time: runs never overlap, in one process (a second call waits for the
+    first) or across processes sharing ``lock_path`` (MONAI Label's scoring subprocess and a round's
+    re-scoring in its train subprocess: each would take every core). A run that finds a newer model
+    published stops after the volume in hand (``superseded``); the run waiting next scores with it.
     """
 
-    def __init__(self, scorer: VolumeScorer, engine=None, recheck_s: float = 10.0):
+    def __init__(self, scorer: VolumeScorer, engine=None, recheck_s: float = 10.0, lock_path: Optional[str] = None):
         super().__init__("AbdomenAtlas-8K importance: uncertainty, inconsistency and overlap attention")
         self.scorer = scorer
         self.engine = engine or InProcessEngine(scorer)
         # How often a run re-reads which images got a final label meanwhile (those are not scored).
         self.recheck_s = recheck_s
         self._lock = threading.Lock()
+        self.lock_path = lock_path
         self.last_run: Dict = {}
 
     def info(self):
@@ -45,8 +53,25 @@ class ImportanceScoring(ScoringMethod):
         return info
 
     def __call__(self, request, datastore: Datastore):
-        with self._lock:
+        with self._lock, self._pool_lock():
             return self._run(request, datastore)
+
+    @contextmanager
+    def _pool_lock(self):
+        if not self.lock_path:
+            with nullcontext():
+                yield
+            return
+        lock = FileLock(self.lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info("importance scoring: another scoring of this pool is running; waiting for it to end")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _run(self, request, datastore: Datastore) -> Dict:
         if not self.scorer.active():
@@ -86,7 +111,14 @@ class ImportanceScoring(ScoringMethod):
         # re-scores) leave the pool; the revised set is re-read at most every recheck_s seconds.
         labelled = {"at": 0.0, "ids": set()}  # read before the first volume, then every recheck_s
 
+        superseded = set()  # images left to the next run: a newer model was published meanwhile
+
         def still_wanted(image_id: str) -> bool:
+            if superseded or self.scorer.versions() != versions:
+                if not superseded:
+                    logger.info("importance scoring: a newer model was published; this run stops, the next scores with it")
+                superseded.add(image_id)
+                return False
             if time.time() - labelled["at"] >= self.recheck_s:
                 labelled["ids"] = fully_revised_now(datastore)
                 labelled["at"] = time.time()
@@ -98,7 +130,8 @@ class ImportanceScoring(ScoringMethod):
             "scored": scored,
             "skipped": skipped,
             "failed": failed,
-            "labelled_meanwhile": len(summary.get("dropped", [])),
+            "labelled_meanwhile": len(summary.get("dropped", [])) - len(superseded),
+            "superseded": len(superseded),
             "images": n,
             "engine": summary.get("engine"),
             "lost": summary.get("lost", []) + summary.get("not_started", []),

@@ -11,6 +11,7 @@ import urllib.request
 import nibabel as nib
 import numpy as np
 import pytest
+from filelock import FileLock
 from monailabel.client import MONAILabelClient
 
 from lib.data.phantoms import make_phantom, write_phantom
@@ -70,7 +71,21 @@ def test_saved_labels_start_a_round_that_publishes_rescores_and_serves_the_new_m
         client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
         client.save_label("ph_0", truth["ph_0"], tag="final")
         assert (_rounds(client).get("last") or {}).get("round") is None, "one label is not enough"
-        client.save_label("ph_1", truth["ph_1"], tag="final")
+        # A scoring of the pool is running (as far as the server can tell: its lock is held): the round
+        # trains and publishes, then its re-scoring waits for that scoring to end.
+        other_scoring = FileLock(str(studies / ".suprem" / "scoring.lock"))
+        other_scoring.acquire()
+        try:
+            client.save_label("ph_1", truth["ph_1"], tag="final")
+            published = tmp_path / "model" / "segresnet_finetuned.pth.json"
+            deadline = time.time() + 600
+            while time.time() < deadline and not published.exists():
+                time.sleep(2)
+            time.sleep(8)  # a re-scoring that did not wait would have stored its first record by now
+            assert _rounds(client)["current"], "the round waits to re-score"
+            assert not any(INFO_KEY in _image_info(client, i) for i in ("ph_2", "ph_3", "totalseg_ct"))
+        finally:
+            other_scoring.release()
         last = _wait_round(client, 1)
         assert last["status"] == "done", last
         assert last["labels_used"] == 2 and last["trigger"].startswith("labels")
