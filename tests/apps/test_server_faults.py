@@ -63,7 +63,9 @@ def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_n
     conf = dict(CONF, weights_dir=str(tmp_path / "weights"), model_dir=str(tmp_path / "model"))
     first, during = sorted(truth)[:2], sorted(truth)[2:]
 
-    srv = Server(str(studies), conf, str(tmp_path)).wait_ready()
+    # MONAI Label's datastore auto reload on, as its default settings run: the server's file watcher
+    # reloads the record whenever the round's process writes it, while the 16 saves land.
+    srv = Server(str(studies), conf, str(tmp_path), env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true"}).wait_ready()
     try:
         client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
         for name in first:
@@ -85,6 +87,9 @@ def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_n
             barrier.wait()
             try:
                 mine.save_label(name, str(truth[name]), tag="final")
+                # Read your writes: the very next listing holds the label the server answered 200 for.
+                if "final" not in mine.datastore()["objects"][name]["labels"]:
+                    raise AssertionError("saved (200) but not in the next listing")
             except Exception as e:  # collected: every save must succeed
                 with lock:
                     errors.append((name, repr(e)))
