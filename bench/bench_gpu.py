@@ -254,12 +254,9 @@ def round_studies(args, work: Path, shape: Dict) -> Path:
 
 def run_round(args, work: Path, shape: Dict) -> Dict:
     """One round as the server runs it, timed part by part (train per backbone, re-scoring, the rest)."""
-    import contextlib
     import json
 
-    from monailabel.datastore.local import LocalDatastore
-
-    from bench.bench_train import TimedScoring
+    from bench.bench_train import timed_round
     from lib.app import build_tasks
 
     studies = round_studies(args, work, shape)
@@ -267,24 +264,16 @@ def run_round(args, work: Path, shape: Dict) -> Dict:
                     val_fraction="0.2", train_amp="bf16", skip_strategies="true",
                     **({"train_roi": str(SMOKE_ROI)} if args.smoke else {}))
     tasks = build_tasks(str(work / "round" / "app"), str(studies), conf)
-    datastore = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
-    tasks.start_rounds(lambda: datastore)
-    timed = TimedScoring(tasks.scoring["importance"])
-    tasks.scoring["importance"] = timed  # the round looks the scoring task up when it runs
     log(f"round: {args.round_labelled} labelled + {args.round_unlabelled} unlabelled copies, {args.round_epochs} epochs")
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # MONAI's handlers print; stdout stays the report
-        state = tasks.rounds.trigger("bench_gpu", wait=True)
-    wall = time.perf_counter() - start
-    last = tasks.rounds.info().get("last") or {}
+    state, wall, last, rescore_s = timed_round(tasks, studies, "bench_gpu")
     split = json.loads((studies / ".suprem" / "split.json").read_text()).get("sides", {})
     train_s = {}
     for b in args.models:
         side = Path(tasks.registry.published_path(b) + ".json")
         train_s[b] = json.loads(side.read_text()).get("seconds") if side.exists() else None
-    log(f"round: {state}, {last.get('status')}, {wall:.1f} s, train {train_s}, re-scoring {timed.seconds}")
+    log(f"round: {state}, {last.get('status')}, {wall:.1f} s, train {train_s}, re-scoring {rescore_s}")
     return {"status": last.get("status"), "error": last.get("error"), "wall": wall, "train_s": train_s,
-            "rescore_s": timed.seconds, "rescored": last.get("rescored"), "epochs": args.round_epochs,
+            "rescore_s": rescore_s, "rescored": last.get("rescored"), "epochs": args.round_epochs,
             "n_train": sum(1 for v in split.values() if v == "train"),
             "n_val": sum(1 for v in split.values() if v == "val"), "unlabelled": args.round_unlabelled}
 

@@ -58,7 +58,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -349,9 +349,24 @@ def round_conf(preset: str, epochs: int) -> Dict[str, str]:
     return conf
 
 
+def timed_round(tasks, studies, reason: str) -> Tuple[str, float, Dict, Optional[float]]:
+    """One round of ``tasks`` on the study folder ``studies`` (MONAI Label's local datastore), as the server
+    runs it: (trigger state, wall seconds, the round log's entry, seconds of its re-scoring)."""
+    from monailabel.datastore.local import LocalDatastore
+
+    datastore = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    tasks.start_rounds(lambda: datastore)
+    timed = TimedScoring(tasks.scoring["importance"])
+    tasks.scoring["importance"] = timed  # the round looks the scoring task up when it runs
+    start = time.perf_counter()
+    # MONAI's training handlers log to stdout: send them to stderr so stdout stays the markdown report.
+    with contextlib.redirect_stdout(sys.stderr):
+        state = tasks.rounds.trigger(reason, wait=True)
+    return state, time.perf_counter() - start, tasks.rounds.info().get("last") or {}, timed.seconds
+
+
 def part2(args, device) -> Dict:
     import nibabel as nib
-    from monailabel.datastore.local import LocalDatastore
 
     from lib.app import build_tasks
     from lib.data.phantoms import make_phantom, write_phantom
@@ -367,17 +382,8 @@ def part2(args, device) -> Dict:
     write_synthetic_checkpoint("segresnet", str(work / "weights" / RELEASED_FILES["segresnet"]))
     conf = dict(round_conf(args.round_preset, args.round_epochs), weights_dir=str(work / "weights"), model_dir=str(work / "model"), device=device.type)
     tasks = build_tasks(str(work / "app"), str(studies), conf)
-    datastore = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
-    tasks.start_rounds(lambda: datastore)
-    timed = TimedScoring(tasks.scoring["importance"])
-    tasks.scoring["importance"] = timed  # the round looks the scoring task up when it runs
     log(f"round: starting (load {load_avg()})")
-    t = time.perf_counter()
-    # MONAI's training handlers log to stdout: send them to stderr so stdout stays the markdown report.
-    with contextlib.redirect_stdout(sys.stderr):
-        state = tasks.rounds.trigger("bench", wait=True)
-    wall = time.perf_counter() - t
-    last = tasks.rounds.info().get("last") or {}
+    state, wall, last, scoring_s = timed_round(tasks, studies, "bench")
     log(f"round: {state}, {last.get('status')}, {wall:.1f} s")
     model_dir = work / "model"
     side = {}
@@ -395,7 +401,7 @@ def part2(args, device) -> Dict:
     img = nib.load(str(studies / "ph_0.nii.gz"))
     return {
         "state": state, "last": last, "wall": wall, "sidecar": side, "stats": stats, "split": split,
-        "scoring_s": timed.seconds, "image_shape": img.shape, "load": load_avg(), "work": str(work), "conf": conf,
+        "scoring_s": scoring_s, "image_shape": img.shape, "load": load_avg(), "work": str(work), "conf": conf,
     }
 
 
