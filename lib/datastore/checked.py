@@ -20,7 +20,7 @@ from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelError
 
 from lib.classes import CLASS_INDEX, SUPREM_CLASSES
 from lib.errors import refuse_path_characters
@@ -36,6 +36,15 @@ logger = logging.getLogger(__name__)
 
 class LabelError(ValueError):
     """A label the datastore must not take (shape, geometry, values, empty)."""
+
+
+class NotInDatastore(HTTPException, ImageNotFoundException):
+    """An image or label the request names that the datastore does not hold: HTTP 404 naming it, and
+    still MONAI Label's ``ImageNotFoundException`` for code that catches that."""
+
+    def __init__(self, detail: str):
+        HTTPException.__init__(self, status_code=404, detail=detail)
+        self.error, self.msg = MONAILabelError.APP_ERROR, detail
 
 
 def _read(path: str, what: str):
@@ -141,19 +150,37 @@ class CheckedLocalDatastore(LocalDatastore):
     def remove_image(self, image_id: str) -> None:
         """MONAI Label's removal, then the record reconciled at once (MONAI Label leaves that to its
         file watcher when auto reload is on, so the next listing still showed the image)."""
+        self._known(image_id)
         super().remove_image(image_id)
         self.refresh()
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
+        self._known(label_id, label_tag)
         super().remove_label(label_id, label_tag)
         self.refresh()
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        self._known(label_id, label_tag)
         with self._writing():
             label = self._datastore.label(label_id, label_tag)
             if not label:
-                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
+                raise NotInDatastore(f"image {label_id!r} has no {label_tag!r} label")
             label.info.update(info)
+
+    def get_dataset_archive(self, limit_cases: Optional[int]) -> str:
+        if not self.get_labeled_images():  # MONAI Label's assert: a 500 for a datastore with no final label yet
+            raise NotInDatastore("no final labels yet: the dataset download holds images with their final labels")
+        return super().get_dataset_archive(limit_cases)
+
+    def _known(self, image_id: str, label_tag: Optional[str] = None) -> None:
+        """HTTP 400 for an id or tag that names a path (MONAI Label joins both onto the studies folder: a
+        removal would delete outside it), 404 naming what is not in the datastore (MONAI Label: a 500)."""
+        refuse_path_characters(image_id, "image id")
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+        if label_tag is not None and refuse_path_characters(label_tag, "label tag") not in obj.labels:
+            raise NotInDatastore(f"image {image_id!r} has no {label_tag!r} label")
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         """Check, then store. A final label's params may name the organs revised (``{"revised": [...]}``;
@@ -177,7 +204,7 @@ class CheckedLocalDatastore(LocalDatastore):
         with self._writing():
             obj = self._datastore.objects.get(image_id)
             if not obj:
-                raise ImageNotFoundException(f"Image {image_id} not found")
+                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
             ts = int(time.time())
             label_info = dict(params, checked=summary, ts=ts, name=name)
             dest = os.path.join(label_dir, name)
@@ -272,7 +299,7 @@ class CheckedLocalDatastore(LocalDatastore):
         with self._writing():
             obj = self._datastore.objects.get(image_id)
             if not obj:
-                raise ImageNotFoundException(f"Image {image_id} not found")
+                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
             obj.image.info.update(info)
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:

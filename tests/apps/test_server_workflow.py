@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -172,3 +173,24 @@ def test_every_datastore_endpoint_answers_as_monai_labels_own_local_datastore(en
     assert "final" not in client.datastore()["objects"]["case0"]["labels"]
     assert _send(url + "/datastore/image?id=case1", "DELETE")[0] == 200
     assert sorted(client.datastore()["objects"]) == ["case0"]
+    assert _send(url + "/datastore/image?image=case0", "HEAD")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "method, path, status, words",
+    [
+        ("PUT", "/datastore/image/info?image=nope", 404, "'nope' is not in the datastore"),
+        ("DELETE", "/datastore/image?id=nope", 404, "'nope' is not in the datastore"),
+        ("DELETE", "/datastore/label?id=case0&tag=final", 404, "has no 'final' label"),
+        ("PUT", "/datastore/label/info?label=case0&tag=final", 404, "has no 'final' label"),
+        ("DELETE", "/datastore/label?id=case0&tag=..%2F..%2Fstudies", 400, "path characters"),
+        ("GET", "/datastore/dataset", 404, "no final labels yet"),
+    ],
+)
+def test_a_datastore_request_naming_what_is_not_there_gets_a_4xx_that_says_so(env, method, path, status, words):
+    url = env["server"].url  # after the endpoint test: case0 has no final label left
+    form = {"info": "{}"} if method == "PUT" else None
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _send(url + path, method, form)
+    assert e.value.code == status and words in e.value.read().decode(), (e.value.code, path)
+    assert MONAILabelClient(url).info()["name"]  # the server keeps serving
