@@ -102,6 +102,8 @@ def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_n
         for t in threads:
             t.join(300)
         assert not errors, errors
+        # Every image has a final label now: Next Sample hands none of them out again.
+        assert client.next_sample("importance", {}) == {}
         still = _rounds(client)["current"]
         assert still and still["round"] == 1, f"round 1 ended before the saves were in: {still}"
 
