@@ -4,8 +4,9 @@ This is the slow, obvious transcription of ``../shared/suprem/README.md`` (the p
 AbdomenAtlas-8K (the importance score)") that the fast torch version in ``attention.py`` is tested
 and benchmarked against. It makes the same readings of the text (see ``attention.py``'s docstring):
 1-voxel dilation and opening with the 3x3x3 full element, opening = 2 erosions then 2 dilations with
-scipy's default border (background), overlap against the *other* overlap organs, one heat maximum
-per volume, priority ties kept in input order, and the same two options.
+scipy's default border (background), overlap against the *other* overlap organs, each organ's heat
+divided by its own maximum and its priority sum taken over ``floor(255 H)`` (the original code's saved
+uint8 map), priority ties kept in input order, and the same two options.
 """
 
 from __future__ import annotations
@@ -86,11 +87,14 @@ def reference_attention(
         raw_heat[b] = U * U_b[b] + C * C_b[b] + O_b[b]
 
     A_b = U_b | C_b | O_b
-    top = raw_heat.max() if raw_heat.size else 0
-    heat = raw_heat / top if top > 0 else raw_heat
+    heat = np.zeros_like(raw_heat)
+    for b in range(n_organs):  # create_attention.py: each organ's map / its own maximum
+        top = raw_heat[b].max() if raw_heat[b].size else 0
+        heat[b] = raw_heat[b] / top if top > 0 else raw_heat[b]
 
     voxels = [int(A_b[b].sum()) for b in range(n_organs)]
-    heat_sums = [float(heat[b].sum(dtype=np.float64)) for b in range(n_organs)]
+    # priority_list sums the saved map, (H * 255).astype(uint8).
+    heat_sums = [float(np.floor(heat[b] * 255).sum(dtype=np.float64)) / 255 for b in range(n_organs)]
     if normalise_score:
         region = [int((A_b[b] | masks[b]).sum()) for b in range(n_organs)]
         terms: List[float] = [a / r if r else 0.0 for a, r in zip(voxels, region)]

@@ -9,8 +9,8 @@ Per organ ``b`` (inputs: per-model sigmoid probabilities ``p_m``, m = 1..M, and 
 - inconsistency ``C = std_m(p_m * dilate1(mask_m))`` (population std, ddof 0); ``C_b = opening(C > 0.1)``;
   ``C = 0`` when M = 1.
 - overlap ``O_b = mask_b AND (OR of mask_o over the overlap organs o != b)``.
-- ``A_b = U_b | C_b | O_b``; heat ``H = (U * U_b + C * C_b + O_b) / max(...)``.
-- score = sum over organs of ``|A_b|``; organ priority = organs by descending ``sum(H)``.
+- ``A_b = U_b | C_b | O_b``; heat ``H_b = (U * U_b + C * C_b + O_b) / max(...)``.
+- score = sum over organs of ``|A_b|``; organ priority = organs by descending ``sum(H_b)``.
 
 Readings of the text where it leaves room (``attention_reference.py``, the plain numpy + scipy
 transcription this is tested against, makes the same ones):
@@ -25,10 +25,19 @@ transcription this is tested against, makes the same ones):
 - overlap: every organ ``b`` passed in (vessels too) gets an ``O_b``; the *other* organs it is
   checked against are only the overlap organs (``lib.classes.OVERLAP_ORGANS``, the 20 non-vessel
   organs) among those passed in, excluding ``b`` itself.
-- "/ max": one maximum over the whole volume (all organs, all voxels), so per-organ heat sums stay
-  comparable and the priority order is that of the un-normalised sums. If the maximum is 0, the
-  heat is all zeros (no division).
-- priority ties (equal heat sums, e.g. organs with no attention) keep the input order.
+- "/ max" and the priority, as the original code does it (MrGiovanni/AbdomenAtlas): create_attention.py
+  divides each organ's heat map by *that organ's own* maximum (``attention_heatmap /
+  np.max(attention_heatmap)`` inside its loop over organs) and saves it as uint8
+  (``(H * 255).astype(np.uint8)``, i.e. ``floor(255 H)``); priority_list then sums each organ's saved map,
+  keeps the organs whose sum is not 0 and sorts them by descending sum. So here: ``H_b`` is divided by
+  its own maximum (an organ whose maximum is 0 keeps a heat of zeros: no division), and
+  ``heat_sums[b] = sum(floor(255 H_b)) / 255``, the sum of the saved map in units of its maximum. An
+  organ's sum therefore says how much of it needs a look relative to its own worst voxel, not how
+  large its heat is next to the other organs'. (Dividing by one maximum over all organs, as this code
+  did before 2026-12-04, gives the order of the un-normalised sums and ranks organs with a low peak
+  lower than the original does.)
+- priority ties (equal heat sums, e.g. organs with no attention) keep the input order; organs with a
+  zero sum stay in ``priority`` (last); the scorer's record lists only the others as organs to revise.
 
 Options beside the reference (defaults = reference):
 
@@ -117,10 +126,10 @@ class AttentionResult:
     inconsistent: torch.Tensor  # C_b, bool (all False when M = 1)
     overlap: torch.Tensor  # O_b, bool
     attention: torch.Tensor  # A_b = U_b | C_b | O_b, bool
-    heat: torch.Tensor  # H in [0, 1], float (float64 if probs were float64, else float32)
+    heat: torch.Tensor  # H_b in [0, 1], each organ by its own maximum, float (float64 if probs were, else float32)
     score: Union[int, float]  # sum_b |A_b| (int), or the size-normalised score (float)
     attention_voxels: Dict[str, int]  # |A_b| per organ
-    heat_sums: Dict[str, float]  # sum of H per organ
+    heat_sums: Dict[str, float]  # sum of floor(255 H_b) / 255 per organ (the original's saved map)
     priority: List[str]  # organ names by descending heat sum (ties: input order)
     organ_scores: Dict[str, float] = field(default_factory=dict)  # each organ's term of the score
     normalised: bool = False
@@ -569,8 +578,7 @@ def _active_boxes(probs, masks8, model_masks8, entropy: str) -> List[Optional[tu
 def _organ_box_maps_(
     probs, model_masks8, organ: int, box: tuple, entropy: str, maps: _VolumeMaps, buffers: _Buffers
 ) -> torch.Tensor:
-    """Fills organ ``organ``'s maps on ``box`` (its ``_active_box``) in ``maps``; returns the
-    maximum of its un-normalised heat (a 0-dim tensor)."""
+    """Fills organ ``organ``'s maps on ``box`` (its ``_active_box``) in ``maps`` (heat un-normalised)."""
     sel = (slice(None), slice(organ, organ + 1)) + box
     shape = (1,) + tuple(s.stop - s.start for s in box)
     whole = shape[1:] == tuple(probs.shape[2:])  # the box is the volume: write the outputs in place
@@ -595,31 +603,24 @@ def _organ_box_maps_(
         maps.uncertain[sel[1:]].copy_(uncertain)
         maps.inconsistent[sel[1:]].copy_(inconsistent)
         maps.heat[sel[1:]].copy_(heat)
-    return heat.amax()
 
 
-def _fill_maps_by_organ_boxes(probs, masks8, model_masks8, entropy: str, maps: _VolumeMaps) -> List[torch.Tensor]:
-    """Fills ``maps`` organ by organ on each organ's active box (zero outside it). Returns the
-    un-normalised heat maximum of each organ that has a box (0-dim tensors)."""
+def _fill_maps_by_organ_boxes(probs, masks8, model_masks8, entropy: str, maps: _VolumeMaps) -> None:
+    """Fills ``maps`` organ by organ on each organ's active box (zero outside it; heat un-normalised)."""
     maps.uncertain.zero_()
     maps.inconsistent.zero_()
     maps.heat.zero_()
     boxes = _active_boxes(probs, masks8, model_masks8, entropy)
     buffers = _Buffers(probs.device)
     # An organ without a box has nothing: U_b, C_b, O_b and the heat are all 0.
-    return [
-        _organ_box_maps_(probs, model_masks8, organ, box, entropy, maps, buffers)
-        for organ, box in enumerate(boxes)
-        if box is not None
-    ]
+    for organ, box in enumerate(boxes):
+        if box is not None:
+            _organ_box_maps_(probs, model_masks8, organ, box, entropy, maps, buffers)
 
 
-def _fill_maps_by_organ_chunks(
-    probs, model_masks8, entropy: str, organ_chunk: Optional[int], maps: _VolumeMaps
-) -> List[torch.Tensor]:
-    """Fills ``maps`` over the whole volume, ``organ_chunk`` organs at a time (default: as many as
-    the device's voxel budget allows). Returns the un-normalised heat maximum of each chunk (0-dim
-    tensors; none for an empty volume)."""
+def _fill_maps_by_organ_chunks(probs, model_masks8, entropy: str, organ_chunk: Optional[int], maps: _VolumeMaps) -> None:
+    """Fills ``maps`` over the whole volume (heat un-normalised), ``organ_chunk`` organs at a time
+    (default: as many as the device's voxel budget allows)."""
     n_organs = probs.shape[1]
     n_vox = math.prod(probs.shape[2:])
     if organ_chunk is None:
@@ -627,7 +628,6 @@ def _fill_maps_by_organ_chunks(
         organ_chunk = budget // max(n_vox, 1)
     chunk = max(1, min(int(organ_chunk), n_organs))
     buffers = _Buffers(probs.device)
-    heat_maxima = []
     for first in range(0, n_organs, chunk):
         rows = slice(first, min(first + chunk, n_organs))
         _organ_maps_(
@@ -640,17 +640,24 @@ def _fill_maps_by_organ_chunks(
             maps.heat[rows],
             buffers,
         )
-        if n_vox:
-            heat_maxima.append(maps.heat[rows].amax())
-    return heat_maxima
 
 
-def _normalise_heat_(heat: torch.Tensor, heat_maxima: List[torch.Tensor]) -> torch.Tensor:
-    """Divides ``heat`` in place by the largest of ``heat_maxima`` when that is > 0. Returns ``heat``."""
-    if heat_maxima:
-        top = torch.stack(heat_maxima).amax()
-        heat.div_(torch.where(top > 0, top, torch.ones_like(top)))
+def _normalise_heat_per_organ_(heat: torch.Tensor) -> torch.Tensor:
+    """Divides each organ's heat ``(C, ...)`` in place by its own maximum (one whose maximum is 0 keeps
+    its zeros), as the original's create_attention.py does before saving an organ's map. Returns ``heat``."""
+    if heat.numel():
+        top = heat.flatten(1).amax(dim=1)
+        heat.div_(torch.where(top > 0, top, torch.ones_like(top)).view((-1,) + (1,) * (heat.dim() - 1)))
     return heat
+
+
+def _saved_map_sums(heat: torch.Tensor) -> torch.Tensor:
+    """Per organ, ``sum(floor(255 H_b)) / 255`` in float64: the sum of the uint8 map the original saves
+    for each organ, which its priority list ranks by. One organ at a time (small temporaries)."""
+    sums = torch.zeros(heat.shape[0], dtype=torch.float64, device=heat.device)
+    for row in range(heat.shape[0]):
+        sums[row : row + 1] = _sum_float64(torch.floor(heat[row : row + 1] * 255.0))
+    return sums / 255.0
 
 
 def _score_terms(
@@ -681,7 +688,7 @@ def _summary(
             rows = slice(row, row + 1)
             region[rows] = _count_true(torch.bitwise_or(attention[rows], masks8[rows]))
     summary = torch.stack(
-        [_count_true(attention).to(torch.float64), _sum_float64(maps.heat), region.to(torch.float64)]
+        [_count_true(attention).to(torch.float64), _saved_map_sums(maps.heat), region.to(torch.float64)]
     )
     summary = summary.cpu()  # the one host/device synchronisation (with the crop boxes on the CPU)
     attention_voxels = [int(v) for v in summary[0].tolist()]
@@ -757,11 +764,11 @@ def compute_attention(
         )
         by_organ_boxes = device.type != "cuda" if crop is None else crop
         if by_organ_boxes:
-            heat_maxima = _fill_maps_by_organ_boxes(probs, masks8, model_masks8, entropy, maps)
+            _fill_maps_by_organ_boxes(probs, masks8, model_masks8, entropy, maps)
         else:
-            heat_maxima = _fill_maps_by_organ_chunks(probs, model_masks8, entropy, organ_chunk, maps)
+            _fill_maps_by_organ_chunks(probs, model_masks8, entropy, organ_chunk, maps)
         attention = torch.bitwise_or(maps.uncertain, maps.inconsistent).bitwise_or_(maps.overlap)
-        _normalise_heat_(maps.heat, heat_maxima)
+        _normalise_heat_per_organ_(maps.heat)
         return _summary(names, maps, attention, masks8, normalise_score, entropy)
 
 

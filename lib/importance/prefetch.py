@@ -50,7 +50,7 @@ def score_loaded(scorer, loaded: Loaded) -> Dict:
             raise loaded.error
         record, _ = scorer.score_image(loaded.image, loaded.seconds)
     except Exception as e:  # one bad study must not stop a run
-        record = {"error": describe_error(e)[:500], "models": scorer.versions()}
+        record = {"error": describe_error(e)[:500], "models": scorer.versions(), "method": scorer.method()}
     record["file"] = loaded.stamp
     return record
 

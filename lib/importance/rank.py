@@ -98,7 +98,7 @@ def rank_folder(scorer, folder: str, out_csv: str, progress: bool = True, engine
     records: Dict[str, Dict] = {}
     for image_id, path in files.items():
         record = read_json(record_path(parts, image_id))
-        if record is not None and is_current(record, versions, file_stamp(path)):
+        if record is not None and is_current(record, versions, file_stamp(path), scorer.method()):
             records[image_id] = record
     todo = [image_id for image_id in files if image_id not in records]
     logger.info(f"{len(files)} studies, {len(records)} already scored, {len(todo)} to score ({engine.name})")

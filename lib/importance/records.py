@@ -15,9 +15,15 @@ INFO_KEY = "importance"
 Ranked = List[Tuple[str, Dict]]
 
 
-def is_current(record: Dict, versions: Dict[str, str], stamp: Dict) -> bool:
-    """A stored record (score or error) was made by the model files in use now, on this very file."""
-    return bool(record) and record.get("models") == versions and record.get("file") == stamp
+def is_current(record: Dict, versions: Dict[str, str], stamp: Dict, method: Dict) -> bool:
+    """A stored record (score or error) was made by the model files in use now, the same scoring method
+    (``VolumeScorer.method``: formula version and options), on this very file."""
+    return (
+        bool(record)
+        and record.get("models") == versions
+        and record.get("method") == method
+        and record.get("file") == stamp
+    )
 
 
 def is_scored(record: Dict) -> bool:

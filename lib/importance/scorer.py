@@ -23,6 +23,10 @@ from lib.weights.registry import WeightsSource
 
 logger = logging.getLogger(__name__)
 
+# Bump when the score or the organ order changes in a way the model files and options do not show, so
+# stored records made the old way are scored again (2: each organ's heat by its own maximum, 2026-12-04).
+SCORING_METHOD_VERSION = 2
+
 
 class FixedWeights:
     """The registry interface VolumeScorer uses, over a fixed ``{backbone: model file}``."""
@@ -112,6 +116,10 @@ class VolumeScorer:
             return self._pre({"image": path})["image"]
         return self._cache.dataset([{"image": path}], self._pre_for_cache)[0]["image"]
 
+    def method(self) -> Dict:
+        """How this scorer scores, beside its model files: a stored record made otherwise is not current."""
+        return {"version": SCORING_METHOD_VERSION, "entropy": self.entropy, "normalise_score": self.normalise_score}
+
     def spec(self) -> "ScorerSpec":
         """What another process needs to build this scorer with the model files in use now."""
         return ScorerSpec(
@@ -184,6 +192,7 @@ class VolumeScorer:
             "heat": {o: round(float(h), 3) for o, h in result.heat_sums.items() if h},
             "organ_scores": {o: round(float(v), 6) for o, v in result.organ_scores.items() if v},  # terms of score
             "models": versions,
+            "method": self.method(),
             "entropy": result.entropy,
             "normalised": result.normalised,
             "seconds": round(seconds, 3),

@@ -77,7 +77,7 @@ class ImportanceScoring(ScoringMethod):
         if not self.scorer.active():
             logger.warning("importance scoring: no backbone has weights; nothing scored")
             return {"scored": 0, "skipped": 0, "failed": 0}
-        versions = self.scorer.versions()
+        versions, method = self.scorer.versions(), self.scorer.method()
         todo = sorted(pool_images(datastore))
         force = str(request.get("force", "false")).lower() == "true"
         n, skipped = len(todo), 0
@@ -88,7 +88,7 @@ class ImportanceScoring(ScoringMethod):
         for image_id in todo:
             info = read(image_id)
             path = datastore.get_image_uri(image_id)
-            if not force and is_current(info.get(INFO_KEY, {}), versions, file_stamp(path)):
+            if not force and is_current(info.get(INFO_KEY, {}), versions, file_stamp(path), method):
                 skipped += 1
             else:
                 jobs.append((image_id, path))

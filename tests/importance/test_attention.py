@@ -210,6 +210,26 @@ def test_no_attention_gives_zero_heat_score_and_input_order():
     assert res.priority == ["spleen", "liver", "stomach"]
 
 
+def test_organ_priority_scales_each_organ_by_its_own_maximum_as_the_original_code():
+    # liver and stomach overlap on a 6^3 cube (heat 1 there: certain, so U = 0); the spleen is uncertain
+    # everywhere on a 7^3 cube (p = 0.3: U = entr(0.3) = 0.36, below every overlap voxel's heat). One
+    # maximum over all organs ranks the un-normalised sums: liver 216, stomach 216, spleen 124. The
+    # original's create_attention.py divides each organ's map by its own maximum and priority_list sums
+    # the saved uint8 maps: spleen 343 x 255, liver and stomach 216 x 255.
+    shape = (24, 24, 24)
+    probs = np.zeros((2, 3) + shape)
+    probs[:, 1, 2:10, 2:10, 2:10] = 1.0  # liver
+    probs[:, 2, 4:12, 4:12, 4:12] = 1.0  # stomach
+    probs[:, 0, 14:21, 14:21, 14:21] = 0.3  # spleen: below 0.5, so no mask and no overlap
+    masks = probs[0] >= 0.5
+    names = ["spleen", "liver", "stomach"]
+    res, ref = run_both(probs, masks, names)
+    assert_same(res, ref)
+    assert res.priority == ["spleen", "liver", "stomach"]
+    assert res.heat_sums == pytest.approx({"spleen": 343.0, "liver": 216.0, "stomach": 216.0})
+    assert float(res.heat[0].max()) == 1.0 and float(res.heat[1].max()) == 1.0  # each organ up to 1
+
+
 # ------------------------------------------------------------------------------------------------
 # The real CT: TotalSegmentator labels, three "models" blurred from them.
 

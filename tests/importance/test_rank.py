@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from lib.data.phantoms import make_phantom, write_phantom
 from lib.importance.rank import main
+from lib.importance.scorer import SCORING_METHOD_VERSION
 from lib.weights import RELEASED_FILES
 from support import REPO, write_synthetic_checkpoint
 
@@ -50,6 +52,19 @@ def test_rank_writes_a_priority_csv_and_a_rerun_scores_only_what_changed(tmp_pat
         assert main(args) == 0
     assert any("4 studies, 2 already scored, 2 to score" in r.getMessage() for r in caplog.records)
     assert len(_read(out)) == 4
+
+    # A record made by another scoring method (an older formula) is not current: scored again.
+    part = os.path.join(out + ".parts", "v0.json")
+    with open(part) as f:
+        record = json.load(f)
+    assert record["method"] == {"version": SCORING_METHOD_VERSION, "entropy": "positive", "normalise_score": False}
+    record["method"]["version"] = SCORING_METHOD_VERSION - 1
+    with open(part, "w") as f:
+        json.dump(record, f)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lib.importance.rank"):
+        assert main(args) == 0
+    assert any("4 studies, 3 already scored, 1 to score" in r.getMessage() for r in caplog.records)
 
 
 def _wait(what, predicate, timeout, proc):
