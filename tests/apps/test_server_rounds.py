@@ -170,7 +170,7 @@ def _training_off_runs_no_round(studies, truth, conf, work):
         assert client.info()["trainers"] == {}
         client.save_label("ph_2", truth["ph_2"], tag="final")
         assert _rounds(client)["labels_since_round"] >= 1  # the save reached the round manager
-        time.sleep(15)  # a round started by the start or the save would be logged within a second or two
+        time.sleep(8)  # a round started by the start or the save would be logged within a second or two
         rounds = _rounds(client)
         assert rounds["current"] is None and rounds["rounds"] == 1 and rounds["last"]["round"] == 1, rounds
         assert not (work / "model" / "train_segresnet" / "round_002").exists()
