@@ -53,7 +53,7 @@ class SuPreMApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        warm_label_writer()  # ITK's lazy loading, off the first infer request's path
+        warm_label_writer()  # ITK's lazy loading, before the first infer request (a few seconds)
         self.tasks.rounds.start()
 
     def on_save_label(self, image_id, label_id):

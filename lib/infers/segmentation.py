@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 from monai.data import MetaTensor
@@ -22,29 +21,27 @@ from lib.weights import WeightsRegistry
 logger = logging.getLogger(__name__)
 
 
-_writer_warming: Optional[threading.Thread] = None
+_writer_warm = False
 
 
-def warm_label_writer() -> threading.Thread:
-    """Load ITK's image modules now, on a thread, once per process.
+def warm_label_writer() -> None:
+    """Load ITK's image modules now, once per process.
 
     MONAI Label's writer (ITK) loads them lazily at the first label it writes: 2.8-4.2 s on a 2-core CPU
-    (2026-12-04), then 0.16-0.21 s a clinical-size label map. The server starts it once it is up, so its
-    first infer request does not pay it.
+    (2026-12-04), then 0.16-0.21 s a clinical-size label map. The server calls this while it starts, so
+    its first infer request does not pay it. Not on a thread: ITK's lazy loading, run beside another
+    thread's imports, broke them (``import ray`` in a scoring request could not find its vendored
+    colorama).
     """
-    global _writer_warming
-    if _writer_warming is None:
+    global _writer_warm
+    if _writer_warm:
+        return
+    import itk
+    import numpy as np
 
-        def write_one():
-            import itk
-            import numpy as np
-
-            with tempfile.TemporaryDirectory() as folder:
-                itk.imwrite(itk.image_from_array(np.zeros((2, 2, 2), np.uint8)), os.path.join(folder, "w.nii.gz"), True)
-
-        _writer_warming = threading.Thread(target=write_one, name="warm-label-writer", daemon=True)
-        _writer_warming.start()
-    return _writer_warming
+    with tempfile.TemporaryDirectory() as folder:
+        itk.imwrite(itk.image_from_array(np.zeros((2, 2, 2), np.uint8)), os.path.join(folder, "w.nii.gz"), True)
+    _writer_warm = True
 
 
 class RecipeInferTask(BasicInferTask):
