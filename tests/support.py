@@ -24,6 +24,25 @@ def shared_path(*parts: str) -> str:
     return p
 
 
+def tiny_studies(tmp_path, n: int = 3):
+    """``n`` air-filled 16x16x12 CTs (im0, im1, ...) in ``tmp_path/studies`` and a liver label for them:
+    (studies folder, label file)."""
+    import nibabel as nib
+    import numpy as np
+
+    from lib.classes import CLASS_INDEX
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    affine = np.diag([3.0, 3.0, 4.0, 1.0])
+    for i in range(n):
+        nib.save(nib.Nifti1Image(np.full((16, 16, 12), -1000, np.int16), affine), str(studies / f"im{i}.nii.gz"))
+    label = np.zeros((16, 16, 12), np.uint8)
+    label[4:10, 4:10, 3:8] = CLASS_INDEX["liver"]
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "label.nii.gz"))
+    return studies, str(tmp_path / "label.nii.gz")
+
+
 def copy_into(src: str, dst_dir: str, name: Optional[str] = None) -> str:
     os.makedirs(dst_dir, exist_ok=True)
     dst = os.path.join(dst_dir, name or os.path.basename(src))

@@ -4,22 +4,8 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
-import numpy as np
-
 from lib.datastore import CheckedLocalDatastore, labeled_images_now
-
-
-def _studies(tmp_path, n=3):
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    affine = np.diag([3.0, 3.0, 4.0, 1.0])
-    for i in range(n):
-        nib.save(nib.Nifti1Image(np.full((16, 16, 12), -1000, np.int16), affine), str(studies / f"im{i}.nii.gz"))
-    label = np.zeros((16, 16, 12), np.uint8)
-    label[4:10, 4:10, 3:8] = 6
-    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "label.nii.gz"))
-    return studies, str(tmp_path / "label.nii.gz")
+from support import tiny_studies
 
 
 def _open(studies):
@@ -28,7 +14,7 @@ def _open(studies):
 
 
 def test_a_stale_writer_does_not_erase_a_label_saved_by_another_process(tmp_path):
-    studies, label = _studies(tmp_path)
+    studies, label = tiny_studies(tmp_path)
     server, round_process = _open(studies), _open(studies)
     server.save_label("im0", label, "final", {"client_id": "annotator-1"})
     # The round's copy predates the save; it stores a score as the importance scoring does.
@@ -45,7 +31,7 @@ def test_a_stale_writer_does_not_erase_a_label_saved_by_another_process(tmp_path
 
 
 def test_labeled_images_now_sees_labels_saved_by_another_process(tmp_path):
-    studies, label = _studies(tmp_path)
+    studies, label = tiny_studies(tmp_path)
     server, round_process = _open(studies), _open(studies)
     assert labeled_images_now(round_process) == []
     server.save_label("im0", label, "final", {})
@@ -76,7 +62,7 @@ def test_a_reconcile_in_another_process_does_not_erase_a_label_saved_meanwhile(t
     import shutil
     import threading
 
-    studies, label = _studies(tmp_path)
+    studies, label = tiny_studies(tmp_path)
     server, scoring_process = _open(studies), _open(studies)
     shutil.copyfile(studies / "im0.nii.gz", studies / "im9.nii.gz")  # a study added: the reconcile has work
     write = scoring_process._update_datastore_file
@@ -99,7 +85,7 @@ def test_a_reconcile_in_another_process_does_not_erase_a_label_saved_meanwhile(t
 
 
 def test_reconcile_builds_a_new_record_and_leaves_the_one_being_read_whole(tmp_path):
-    studies, label = _studies(tmp_path)
+    studies, label = tiny_studies(tmp_path)
     ds = _open(studies)
     ds.save_label("im0", label, "final", {})
     ds.save_label("im1", label, "final", {})
@@ -116,7 +102,7 @@ def test_reconcile_builds_a_new_record_and_leaves_the_one_being_read_whole(tmp_p
 def test_datalist_items_are_image_label_pairs_and_revised_organs_come_apart(tmp_path):
     import os
 
-    studies, label = _studies(tmp_path)
+    studies, label = tiny_studies(tmp_path)
     ds = _open(studies)
     ds.save_label("im1", label, "final", {"revised": ["liver"]})
     ds.save_label("im2", label, "final", {})

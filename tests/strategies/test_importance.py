@@ -3,28 +3,20 @@ the annotator who holds it, until that work is done; others are kept off it."""
 
 from __future__ import annotations
 
-import nibabel as nib
-import numpy as np
 
 from lib.classes import CLASS_INDEX, LABEL_SETS
 from lib.datastore import CheckedLocalDatastore
 from lib.importance.records import INFO_KEY
 from lib.strategies.importance import ImportanceStrategy
+from support import tiny_studies
 
 ORGANS = ["liver", "pancreas", "spleen", "stomach"]
 
 
 def _datastore(tmp_path, n=3):
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    affine = np.diag([3.0, 3.0, 4.0, 1.0])
-    for i in range(n):
-        nib.save(nib.Nifti1Image(np.full((16, 16, 12), -1000, np.int16), affine), str(studies / f"im{i}.nii.gz"))
-    label = np.zeros((16, 16, 12), np.uint8)
-    label[4:10, 4:10, 3:8] = CLASS_INDEX["liver"]
-    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "label.nii.gz"))
+    studies, label = tiny_studies(tmp_path, n)
     ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], allowed_labels=[CLASS_INDEX[n] for n in LABEL_SETS["atlas25"]])
-    return ds, str(tmp_path / "label.nii.gz")
+    return ds, label
 
 
 def _score(ds, image_id, score):
