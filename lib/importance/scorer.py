@@ -99,7 +99,7 @@ class VolumeScorer:
         self.normalise_score = normalise_score
         # On a GPU the grid steps run there; what goes to the disk cache comes back to the host first.
         self._pre = Compose(inference_pre_transforms(recipe, device=self.device))
-        self._pre_for_cache = Compose(inference_pre_transforms(recipe, device=self.device) + [ToDeviced("image", "cpu")])
+        self._pre_for_cache = Compose(list(self._pre.transforms) + [ToDeviced("image", "cpu")])
         # Pre-processed volumes on disk, reused by the next round's re-scoring (None: off).
         self.cache_dir = cache_dir
         self._cache = open_cache(cache_dir, "score", recipe.preprocessing_key())
