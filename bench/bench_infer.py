@@ -5,7 +5,7 @@ For each backbone (unet, swinunetr, segresnet) and the ``ensemble`` task (mean o
 sw_batch_size 16, bf16), on two inputs:
 
   ct   the shared real CT, ../shared/data/totalseg-example/ct.nii.gz (122x101x30 at 3 mm)
-  big  a 256x256x400 synthetic abdominal CT at 0.8 x 0.8 x 1.0 mm (``lib.data.phantoms.make_phantom``
+  big  a 256x256x400 synthetic abdominal CT at 0.8 x 0.8 x 1.0 mm (``testing.phantoms.make_phantom``
        seed 0, site A portal phase, rendered directly on that grid: a 205 x 205 x 400 mm field of
        view; int16 HU NIfTI written into the temp folder). It stands in for a thin-slice abdominal CT.
   any other value is taken as the path of an image file.
@@ -104,7 +104,7 @@ class Input:
 
 
 def make_big_input(folder: str) -> str:
-    from lib.data.phantoms import make_phantom, write_phantom
+    from testing.phantoms import make_phantom, write_phantom
 
     ph = make_phantom(0, shape=BIG_SHAPE, spacing_mm=BIG_SPACING)
     path, _ = write_phantom(ph, folder, "phantom_256x256x400", label_dir=None)
@@ -135,7 +135,7 @@ def warmup_request(task, folder: str, device: str) -> Dict[str, float]:
     """One untimed request on a tiny phantom (one sliding window): the libraries' first-use costs
     (ITK's lazy loading in the NIfTI writer, the connected-component code, ...) are paid here, as a
     server pays them on its first request, and not by whichever case is timed first."""
-    from lib.data.phantoms import make_phantom, write_phantom
+    from testing.phantoms import make_phantom, write_phantom
 
     path, _ = write_phantom(make_phantom(1, shape=(32, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), folder, "warmup",
                             label_dir=None)

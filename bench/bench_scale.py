@@ -3,7 +3,7 @@
     python -m bench.bench_scale engines [--volumes 8] [--workers 2]     # volumes/min, in-process vs Ray
     python -m bench.bench_scale cost [--device cuda]                    # cost model of one round
 
-``engines``: writes ``--volumes`` synthetic abdominal phantoms (``lib.data.phantoms``, 128x128x96 at
+``engines``: writes ``--volumes`` synthetic abdominal phantoms (``testing.phantoms``, 128x128x96 at
 1.5x1.5x2 mm), then scores the folder with the offline ranking (``lib.importance.rank.rank_folder``, the
 same per-volume step as the server) three ways: in this process (torch on all cores), on a local Ray
 with ``--workers`` 1-CPU workers (wall time including Ray's and the workers' start, and the steady rate
@@ -97,7 +97,7 @@ def _ray_row(tmp: str, studies: str, args):
 
 
 def engines(args) -> str:
-    from lib.data.phantoms import make_phantom, write_phantom
+    from testing.phantoms import make_phantom, write_phantom
 
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
     studies = os.path.join(tmp, "studies")

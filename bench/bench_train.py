@@ -369,7 +369,7 @@ def part2(args, device) -> Dict:
     import nibabel as nib
 
     from lib.app import build_tasks
-    from lib.data.phantoms import make_phantom, write_phantom
+    from testing.phantoms import make_phantom, write_phantom
     from lib.weights import RELEASED_FILES
     from testing.synthetic_weights import write_synthetic_checkpoint
 

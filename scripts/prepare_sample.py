@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lib.classes import CLASS_INDEX, DEFAULT_LABEL_SET, label_set  # noqa: E402
-from lib.data.phantoms import make_sample_studies  # noqa: E402
+from testing.phantoms import make_sample_studies  # noqa: E402
 from lib.files import read_json, write_json_atomic  # noqa: E402
 from lib.networks import BACKBONES, validate_checkpoint  # noqa: E402
 from lib.transforms.recipe import PRESETS, Recipe  # noqa: E402

@@ -20,7 +20,6 @@ LAYERS = [
     "metrics",  # Dice of label maps
     "files",  # atomic writes, file versions
     "stopping",  # the stop flag, signal handlers, ending child processes
-    "data",  # synthetic phantoms
     "transforms",  # the SuPreM recipe as MONAI transforms
     "networks",  # architectures, checkpoints, sliding-window probabilities
     "weights",  # where each backbone's weights come from

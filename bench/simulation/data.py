@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from lib.data.phantoms import HARD_CASES, SITES, make_phantom, write_phantom
+from testing.phantoms import HARD_CASES, SITES, make_phantom, write_phantom
 
 ROLES = {"starter": 0, "pool": 1, "test": 2}
 

@@ -22,7 +22,7 @@ import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from testing.synthetic_weights import synthetic_released_state_dict
 from lib.weights import RELEASED_FILES
 from support import Server, write_synthetic_checkpoint

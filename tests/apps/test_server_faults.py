@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.weights import RELEASED_FILES
 from support import REPO, Server, write_synthetic_checkpoint
 

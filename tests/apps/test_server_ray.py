@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from monailabel.client import MONAILabelClient
 
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.weights import RELEASED_FILES
 from support import Server, write_synthetic_checkpoint
 

@@ -14,7 +14,7 @@ import pytest
 from filelock import FileLock
 from monailabel.client import MONAILabelClient
 
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.importance.records import INFO_KEY
 from lib.weights import RELEASED_FILES
 from support import Server, copy_into, shared_path, write_synthetic_checkpoint

@@ -22,7 +22,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.datastore.local import LocalDatastore
 
 from lib.classes import CLASS_INDEX, LABEL_SETS
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.weights import RELEASED_FILES
 from support import Server, write_synthetic_checkpoint
 

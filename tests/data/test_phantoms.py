@@ -13,8 +13,8 @@ from scipy import ndimage
 nib = pytest.importorskip("nibabel")
 
 from lib.classes import CLASS_INDEX, LABEL_SETS  # noqa: E402
-from lib.data import phantoms  # noqa: E402
-from lib.data.phantoms import (  # noqa: E402
+from testing import phantoms  # noqa: E402
+from testing.phantoms import (  # noqa: E402
     HARD_CASES,
     SITES,
     STRUCTURES,

@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from lib.data.phantoms import HARD_CASES, SITES, make_phantom
+from testing.phantoms import HARD_CASES, SITES, make_phantom
 
 # sha256 (first 16 hex digits) of image + label bytes of make_phantom(7) at 32x32x24, 3x each site's spacing.
 PINNED = {

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from lib.classes import LABEL_SETS
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.importance.engines import InProcessEngine, ScoringWorker, score_one
 from lib.importance.scorer import VolumeScorer
 from lib.transforms.recipe import PRESETS

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.importance.rank import main
 from lib.importance.scorer import SCORING_METHOD_VERSION
 from lib.weights import RELEASED_FILES

@@ -15,7 +15,7 @@ import torch
 from monailabel.datastore.local import LocalDatastore
 
 from lib.classes import LABEL_SETS
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.importance.engines import InProcessEngine, RayEngine, init_ray
 from lib.importance.records import INFO_KEY
 from lib.scoring.importance import ImportanceScoring

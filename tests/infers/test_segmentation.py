@@ -28,7 +28,7 @@ def tasks(tmp_path_factory):
 
 
 def _small_ct(tmp_path):
-    from lib.data.phantoms import make_phantom, write_phantom
+    from testing.phantoms import make_phantom, write_phantom
 
     ph = make_phantom(3)
     # A small window of the phantom keeps the U-Net to one sliding window on the CPU.

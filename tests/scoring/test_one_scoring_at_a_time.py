@@ -9,7 +9,7 @@ from filelock import FileLock
 from monailabel.datastore.local import LocalDatastore
 
 from lib.classes import LABEL_SETS
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.importance.records import INFO_KEY
 from lib.importance.scorer import VolumeScorer
 from lib.scoring.importance import ImportanceScoring

@@ -15,7 +15,7 @@ import torch
 from monailabel.tasks.train.basic_train import Context
 
 from lib.classes import LABEL_SETS
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.importance.scorer import VolumeScorer
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.transforms.recipe import PRESETS

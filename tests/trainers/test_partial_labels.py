@@ -13,7 +13,7 @@ from monai.transforms import Compose
 from monailabel.tasks.train.basic_train import Context
 
 from lib.classes import CLASS_INDEX, LABEL_SETS
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.datastore import CheckedLocalDatastore
 from lib.networks import build_network, load_checkpoint
 from lib.trainers.round import run_round

@@ -16,7 +16,7 @@ from monai.transforms import Compose
 
 from lib.app import build_tasks
 from lib.classes import CLASS_INDEX
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.infers.segmentation import SuPreMSegmentation
 from lib.networks import build_network, save_checkpoint
 from lib.networks.inference import NetworkCache

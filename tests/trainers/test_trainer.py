@@ -11,7 +11,7 @@ import torch
 from monailabel.datastore.local import LocalDatastore
 
 from lib.classes import LABEL_SETS
-from lib.data.phantoms import make_phantom, write_phantom
+from testing.phantoms import make_phantom, write_phantom
 from lib.networks import build_network, load_checkpoint
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.trainers.split import persistent_split

@@ -1224,7 +1224,7 @@ def make_sample_studies(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lib.data.phantoms", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m testing.phantoms", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", help="study folder to fill (phantom_000.nii.gz, ...)")
     ap.add_argument("--n", type=int, default=12, help="number of studies (default 12)")
     ap.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
