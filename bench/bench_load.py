@@ -90,7 +90,7 @@ def prefill_scores(studies: Path, ids: List[str], checkpoint: str) -> None:
     for image_id in ids:
         priority = rng.sample(organs, len(organs))
         ml = {o: round(rng.uniform(0.1, 400.0), 3) for o in priority}
-        ds._datastore.objects[image_id].image.info[INFO_KEY] = {
+        ds.record.objects[image_id].image.info[INFO_KEY] = {
             "score": rng.randrange(10**5, 10**7),
             "organs": priority,
             "priority": priority,
@@ -103,7 +103,7 @@ def prefill_scores(studies: Path, ids: List[str], checkpoint: str) -> None:
             "scored_at": "2025-01-01T00:00:00",
             "file": file_stamp(str(studies / f"{image_id}.nii.gz")),
         }
-    ds._update_datastore_file()  # one write; through update_image_info it would be N whole-file writes
+    ds.write_record()  # one write; through update_image_info it would be N whole-file writes
 
 
 def label_for(studies: Path, image_id: str, folder: Path) -> str:

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import os
 import re
+from typing import List, Set
 
 import monailabel
 import pytest
 
-from lib.monailabel_private import MONAILABEL_VERSION, PRIVATE_NAMES
+from lib.monailabel_private import MONAILABEL_VERSION, PRIVATE_NAMES, LocalDatastoreHooks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,3 +79,88 @@ def test_the_app_reads_no_private_name_of_the_app_or_train_task_base_classes():
             "_iteration")
     found = [f"{rel}: {n}" for rel, text in _sources() for n in gone if re.search(rf"\.{n}\b|def {n}\b", text)]
     assert found == []
+
+
+def _monailabel_privates(classes) -> Set[str]:
+    """The private names (``_x``, not dunder) the MONAI Label classes in ``classes``' MROs define or assign."""
+    names: Set[str] = set()
+    for cls in classes:
+        for c in cls.__mro__:
+            if not c.__module__.startswith("monailabel"):
+                continue
+            names |= {n for n in vars(c) if n.startswith("_") and not n.startswith("__")}
+            names |= set(re.findall(r"self\.(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=(?!=)", inspect.getsource(c)))
+    return names
+
+
+def private_uses(path: str) -> List[str]:
+    """Each attribute read or method defined in ``path`` that is a private name of a MONAI Label class the
+    file imports: what a subclass of MONAI Label's datastore or tasks touches beside the adapter."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    classes = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("monailabel"):
+            module = importlib.import_module(node.module)
+            classes += [getattr(module, a.name) for a in node.names if inspect.isclass(getattr(module, a.name, None))]
+    private = _monailabel_privates(classes)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            found.append(f"{os.path.relpath(path, REPO)}:{node.lineno} reads {node.attr}")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in private:
+            found.append(f"{os.path.relpath(path, REPO)}:{node.lineno} overrides {node.name}")
+    return found
+
+
+def test_no_module_but_the_adapter_reads_or_overrides_a_private_name_of_the_monailabel_classes_it_imports():
+    # An override of a private hook is the silent kind of breakage: renamed in MONAI Label, it is no
+    # longer called. The adapter overrides them and routes each to a public method.
+    found = [u for rel, _ in _sources() if rel != "lib/monailabel_private.py" for u in private_uses(os.path.join(REPO, rel))]
+    assert found == []
+
+
+def test_the_scan_finds_a_private_read_and_a_private_override(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from monailabel.datastore.local import LocalDatastore\n"
+        "class D(LocalDatastore):\n"
+        "    def _reconcile_datastore(self):\n"
+        "        return self._datastore, self._lock_file, self._known\n"
+    )
+    assert [u.split(" ", 1)[1] for u in private_uses(str(bad))] == [
+        "overrides _reconcile_datastore", "reads _datastore", "reads _lock_file"
+    ]
+
+
+def test_the_adapter_overrides_every_private_hook_it_lists_and_monailabel_calls_them(tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    hooks = {n for n in vars(LocalDatastoreHooks) if n.startswith("_") and not n.startswith("__")}
+    assert hooks == {"_update_datastore_file", "_init_from_datastore_file", "_reconcile_datastore"}
+    assert all(f"monailabel.datastore.local:LocalDatastore.{h}" in PRIVATE_NAMES for h in hooks)
+    calls = []
+
+    class Recording(LocalDatastoreHooks, LocalDatastore):
+        def write_record(self, lock=True):
+            calls.append("write")
+            super().write_record(lock)
+
+        def reload_record(self, throw_exception=False):
+            calls.append("reload")
+            super().reload_record(throw_exception)
+
+        def reconcile(self):
+            calls.append("reconcile")
+            super().reconcile()
+
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    ds = Recording(str(tmp_path), auto_reload=False)
+    assert "reconcile" in calls and "write" in calls  # MONAI Label's start: reconcile, then write the record
+    assert ds.record.objects.keys() == {"a"} and ds.split_name("a.nii.gz") == ("a", ".nii.gz")
+    assert ds.file_name("a", ".nii.gz") == "a.nii.gz" and list(ds.matching_files(str(tmp_path))) == ["a.nii.gz"]
+    assert os.path.exists(ds.record_path) and ds.studies_path == str(tmp_path)
+    calls.clear()
+    ds.update_image_info("a", {"x": 1})
+    ds.refresh()
+    assert calls[0] == "write" and "reconcile" in calls

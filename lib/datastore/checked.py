@@ -26,6 +26,7 @@ from lib.classes import CLASS_INDEX, SUPREM_CLASSES
 from lib.errors import refuse_path_characters
 from lib.files import atomic_open, atomic_path
 from lib.importance.records import INFO_KEY
+from lib.monailabel_private import LocalDatastoreHooks
 from lib.stopping import uninterrupted
 
 from .revisions import ORGANS_KEY, REVISED, RevisionError, merge_label, organ_records, requested_organs, revised_in
@@ -103,7 +104,7 @@ def info_reader(datastore):
     return getattr(datastore, "peek_image_info", None) or datastore.get_image_info
 
 
-class CheckedLocalDatastore(LocalDatastore):
+class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
     """LocalDatastore whose ``save_label`` checks the label against its image first, and which takes no
     image id or label tag that names a path (MONAI Label joins both onto the studies folder).
 
@@ -134,16 +135,16 @@ class CheckedLocalDatastore(LocalDatastore):
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         """MONAI Label's add, made on the file's current record under the lock (MONAI Label's adds to
         the record this process last read) and with the image written whole before it is listed."""
-        image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+        image_id = image_id or self.split_name(os.path.basename(image_filename))[0]
         refuse_path_characters(image_id, "image id")
-        _, image_ext = self._to_id(os.path.basename(image_filename))
-        name = self._filename(image_id, image_ext)
+        _, image_ext = self.split_name(os.path.basename(image_filename))
+        name = self.file_name(image_id, image_ext)
         with self._writing():
-            with atomic_path(os.path.join(self._datastore.image_path(), name)) as tmp:
+            with atomic_path(os.path.join(self.record.image_path(), name)) as tmp:
                 shutil.copyfile(image_filename, tmp)
             info = dict(image_info or {}, ts=int(time.time()), name=name)
-            objects = dict(self._datastore.objects, **{image_id: ImageLabelModel(image=DataModel(info=info, ext=image_ext))})
-            self._datastore = self._datastore.model_copy(update={"objects": objects})  # swapped, not resized in place
+            objects = dict(self.record.objects, **{image_id: ImageLabelModel(image=DataModel(info=info, ext=image_ext))})
+            self.record = self.record.model_copy(update={"objects": objects})  # swapped, not resized in place
         logger.info(f"image {image_id!r} added")
         return image_id
 
@@ -162,7 +163,7 @@ class CheckedLocalDatastore(LocalDatastore):
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         self._known(label_id, label_tag)
         with self._writing():
-            label = self._datastore.label(label_id, label_tag)
+            label = self.record.label(label_id, label_tag)
             if not label:
                 raise NotInDatastore(f"image {label_id!r} has no {label_tag!r} label")
             label.info.update(info)
@@ -176,7 +177,7 @@ class CheckedLocalDatastore(LocalDatastore):
         """HTTP 400 for an id or tag that names a path (MONAI Label joins both onto the studies folder: a
         removal would delete outside it), 404 naming what is not in the datastore (MONAI Label: a 500)."""
         refuse_path_characters(image_id, "image id")
-        obj = self._datastore.objects.get(image_id)
+        obj = self.record.objects.get(image_id)
         if obj is None:
             raise NotInDatastore(f"image {image_id!r} is not in the datastore")
         if label_tag is not None and refuse_path_characters(label_tag, "label tag") not in obj.labels:
@@ -198,11 +199,11 @@ class CheckedLocalDatastore(LocalDatastore):
         except (LabelError, RevisionError) as e:
             logger.warning(f"label for {image_id!r} refused: {e}")
             raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
-        _, label_ext = self._to_id(os.path.basename(label_filename))
-        label_dir = self._datastore.label_path(label_tag)
-        name = self._filename(image_id, label_ext)
+        _, label_ext = self.split_name(os.path.basename(label_filename))
+        label_dir = self.record.label_path(label_tag)
+        name = self.file_name(image_id, label_ext)
         with self._writing():
-            obj = self._datastore.objects.get(image_id)
+            obj = self.record.objects.get(image_id)
             if not obj:
                 raise NotInDatastore(f"image {image_id!r} is not in the datastore")
             ts = int(time.time())
@@ -258,13 +259,13 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def organs_of(self, image_id: str) -> Optional[Dict[str, Dict]]:
         """The image's per-organ revision records (in place, do not modify); None without a final label."""
-        obj = self._datastore.objects.get(image_id)
+        obj = self.record.objects.get(image_id)
         return self._stored_organs(obj) if obj else None
 
     def partly_revised_images(self) -> List[str]:
         """Images with a final label in which some organ is still a pseudo label."""
         out = []
-        for image_id, obj in self._datastore.objects.items():
+        for image_id, obj in self.record.objects.items():
             final = obj.labels.get(DefaultLabelTag.FINAL)
             if final is not None and unrevised_in((final.info or {}).get(ORGANS_KEY), self.label_names):
                 out.append(image_id)
@@ -274,30 +275,30 @@ class CheckedLocalDatastore(LocalDatastore):
         """Image file (real path, as ``datalist`` names it) -> the organs revised in its final label: what
         the trainer masks its loss with. Kept out of ``datalist``, whose every key MONAI Label takes for a
         file (the dataset download). Read it after ``datalist`` so that it covers every pair listed."""
-        model = self._datastore  # one snapshot: a reload swaps the record whole
+        model = self.record  # one snapshot: a reload swaps the record whole
         image_dir, out = model.image_path(), {}
         for image_id, obj in model.filter_by_tag(DefaultLabelTag.FINAL).items():
-            path = os.path.realpath(os.path.join(image_dir, self._filename(image_id, obj.image.ext)))
+            path = os.path.realpath(os.path.join(image_dir, self.file_name(image_id, obj.image.ext)))
             out[path] = revised_in((obj.labels[DefaultLabelTag.FINAL].info or {}).get(ORGANS_KEY), self.label_names)
         return out
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
         """MONAI Label's image/label pairs, as the file holds them now."""
-        self._init_from_datastore_file()
+        self.reload_record()
         return super().datalist(full_path)
 
     def json(self):
         """The whole record, as the file holds it now (a train or scoring process may have written it)."""
-        self._init_from_datastore_file()
+        self.reload_record()
         return super().json()
 
     def status(self) -> Dict[str, Any]:
-        self._init_from_datastore_file()
+        self.reload_record()
         return super().status()
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         with self._writing():
-            obj = self._datastore.objects.get(image_id)
+            obj = self.record.objects.get(image_id)
             if not obj:
                 raise NotInDatastore(f"image {image_id!r} is not in the datastore")
             obj.image.info.update(info)
@@ -306,38 +307,39 @@ class CheckedLocalDatastore(LocalDatastore):
         """MONAI Label's answer (a copy of the info, plus the image's path), copied through pickle:
         ``copy.deepcopy`` of a scored image's info costs ~0.4 ms, and MONAI Label's random strategy asks
         for every image's info on every request."""
-        obj = self._datastore.objects.get(image_id)
+        obj = self.record.objects.get(image_id)
         if not obj:
             return {}
         try:
             info = pickle.loads(pickle.dumps(obj.image.info, protocol=pickle.HIGHEST_PROTOCOL))
         except Exception:  # something pickle cannot take: MONAI Label's way
             info = copy.deepcopy(obj.image.info)
-        name = self._filename(image_id, obj.image.ext)
-        info["path"] = os.path.realpath(os.path.join(self._datastore.image_path(), name))
+        name = self.file_name(image_id, obj.image.ext)
+        info["path"] = os.path.realpath(os.path.join(self.record.image_path(), name))
         return info
 
     def peek_image_info(self, image_id: str) -> Dict[str, Any]:
         """The image's info as held in memory, not copied: for readers that only look (a strategy ranking
         1,000 images per request; ``get_image_info`` deep-copies each one). Do not modify it."""
-        obj = self._datastore.objects.get(image_id)
+        obj = self.record.objects.get(image_id)
         return obj.image.info if obj else {}
 
-    def _update_datastore_file(self, lock=True):
+    def write_record(self, lock: bool = True) -> None:
         """MONAI Label's write of the datastore file (in place, so its file watchers see it), serialised
         by pydantic: ``json.dumps(indent=2)`` runs the pure-Python encoder, about 0.3 s for 1,000 scored
         images, and MONAI Label writes the file on every Next Sample and every saved label."""
         with self._file_lock if lock else nullcontext():
             try:
-                text = self._datastore.model_dump_json(exclude={"base_path"}, indent=2)
+                text = self.record.model_dump_json(exclude={"base_path"}, indent=2)
             except Exception:  # a value pydantic cannot serialise: MONAI Label's way (str() of it)
-                text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            self._ignore_event_config = True
+                text = json.dumps(self.record.model_dump(exclude={"base_path"}), indent=2, default=str)
+            self.ignore_next_record_event()
             with uninterrupted():  # a stop signal must not leave the record truncated (stored scores lost)
-                with open(self._datastore_config_path, "w") as f:
+                with open(self.record_path, "w") as f:
                     f.write(text)
-            st = os.stat(self._datastore_config_path)
-            self._file_stat, self._config_ts = _stat_key(st), st.st_mtime
+            st = os.stat(self.record_path)
+            self._file_stat = _stat_key(st)
+            self.stamp_record(st.st_mtime)
             # The kernel stamps modification times at its clock tick (1-10 ms): a write by the next
             # holder of the lock within this tick could leave size and time alike, and its change unseen.
             time.sleep(max(0.0, st.st_mtime + _CLOCK_TICK_S - time.time()))
@@ -348,9 +350,9 @@ class CheckedLocalDatastore(LocalDatastore):
         with self._file_lock:
             self._reload_if_changed()
             yield
-            self._update_datastore_file(lock=False)
+            self.write_record(lock=False)
 
-    def _init_from_datastore_file(self, throw_exception=False):
+    def reload_record(self, throw_exception: bool = False) -> None:
         """MONAI Label's reload of the record from the file when another writer changed it, with this
         datastore's lock (MONAI Label's blocks a thread that holds this one) and change check."""
         try:
@@ -365,7 +367,7 @@ class CheckedLocalDatastore(LocalDatastore):
         """Replace the record with the file's when another writer changed the file (caller holds the
         lock). The record is swapped whole, never emptied and refilled: a reader meanwhile sees the old
         record or the new one."""
-        path = self._datastore_config_path
+        path = self.record_path
         if not os.path.exists(path):
             return
         st = os.stat(path)
@@ -373,10 +375,11 @@ class CheckedLocalDatastore(LocalDatastore):
             return
         with open(path) as f:
             model = LocalDatastoreModel.model_validate_json(f.read())
-        model.base_path = self._datastore_path
-        self._datastore, self._file_stat, self._config_ts = model, _stat_key(st), st.st_mtime
+        model.base_path = self.studies_path
+        self.record, self._file_stat = model, _stat_key(st)
+        self.stamp_record(st.st_mtime)
 
-    def _reconcile_datastore(self):
+    def reconcile(self) -> None:
         """MONAI Label's reconcile (images and labels added or removed on disk), under the lock on the
         file's current record, swapping in a new record only when something changed. MONAI Label's runs
         on the record this process last read and writes it back whole, so a train or scoring process
@@ -384,21 +387,21 @@ class CheckedLocalDatastore(LocalDatastore):
         so a listing meanwhile missed labels."""
         with self._file_lock:
             self._reload_if_changed()
-            model = self._datastore
+            model = self.record
             label_tags = [t for t in os.listdir(model.label_path(None)) if os.path.isdir(model.label_path(t))]
-            on_disk = {tag: self._list_files(model.label_path(tag), self._extensions) for tag in label_tags}
+            on_disk = {tag: self.matching_files(model.label_path(tag)) for tag in label_tags}
             new, changes = reconciled(
                 model,
                 image_names=set(os.listdir(model.image_path())),
-                new_images=self._list_files(model.image_path(), self._extensions),
+                new_images=self.matching_files(model.image_path()),
                 label_names={tag: set(os.listdir(model.label_path(tag))) for tag in label_tags},
                 new_labels=on_disk,
-                to_id=self._to_id,
+                to_id=self.split_name,
             )
             logger.info(f"Invalidate count: {changes}")
             if changes:
-                self._datastore = new
-                self._update_datastore_file(lock=False)
+                self.record = new
+                self.write_record(lock=False)
 
 
 _CLOCK_TICK_S = 0.01

@@ -12,6 +12,9 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib.monailabel_private import LocalDatastoreHooks, dicomweb_keeps_nifti, dicomweb_label_info
+from lib.monailabel_private import download_dicomweb_series
+
 from .checked import LabelError, check_label
 from .revisions import RevisionError, requested_organs
 
@@ -37,7 +40,7 @@ def _segment_info(names: Mapping[int, str], values) -> list:
     return info
 
 
-class CheckedDICOMWebDatastore(DICOMWebDatastore):
+class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
     """DICOMWebDatastore that (1) refuses a label that does not fit its image before anything reaches the
     PACS, (2) names the DICOM SEG segments from the app's label table, (3) sees its own saves (MONAI
     Label caches the labelled-series list for hours), and (4) reads a DICOM SEG back as the app's class
@@ -99,19 +102,17 @@ class CheckedDICOMWebDatastore(DICOMWebDatastore):
             )
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
-        if label_tag != DefaultLabelTag.FINAL or not self._convert_to_nifti or not image_id:
+        if label_tag != DefaultLabelTag.FINAL or not dicomweb_keeps_nifti(self) or not image_id:
             return super().get_label_uri(label_id, label_tag, image_id)
-        final = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), f"{image_id}.nii.gz"))
+        final = os.path.realpath(os.path.join(self.record.label_path(label_tag), f"{image_id}.nii.gz"))
         if os.path.exists(final):
             return final
-        from monailabel.datastore.utils.dicom import dicom_web_download_series
-
-        label_dir = os.path.realpath(os.path.join(self._datastore.label_path(label_tag), label_id))
+        label_dir = os.path.realpath(os.path.join(self.record.label_path(label_tag), label_id))
         if not os.path.exists(label_dir) or not os.listdir(label_dir):
-            dicom_web_download_series(None, label_id, label_dir, self._client, self._fetch_by_frame)
+            download_dicomweb_series(self, label_id, label_dir)
         out = self._seg_to_classes(os.path.join(label_dir, sorted(os.listdir(label_dir))[0]), self.get_image_uri(image_id))
         try:
-            LocalDatastore.save_label(self, image_id, out, label_tag, self._dicom_info(label_id))
+            LocalDatastore.save_label(self, image_id, out, label_tag, dicomweb_label_info(self, label_id))
         finally:
             os.unlink(out)
         return final

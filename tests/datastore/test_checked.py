@@ -65,7 +65,7 @@ def test_a_reconcile_in_another_process_does_not_erase_a_label_saved_meanwhile(t
     studies, label = tiny_studies(tmp_path)
     server, scoring_process = _open(studies), _open(studies)
     shutil.copyfile(studies / "im0.nii.gz", studies / "im9.nii.gz")  # a study added: the reconcile has work
-    write = scoring_process._update_datastore_file
+    write = scoring_process.write_record
     saving = []
 
     def save_while_reconciling(lock=True):  # the server's save lands between the reconcile's read and write
@@ -75,7 +75,7 @@ def test_a_reconcile_in_another_process_does_not_erase_a_label_saved_meanwhile(t
             saving[0].join(timeout=1.0)  # held off by the reconcile's lock, or already done
         return write(lock)
 
-    scoring_process._update_datastore_file = save_while_reconciling
+    scoring_process.write_record = save_while_reconciling
     scoring_process.refresh()
     saving[0].join()
     record = json.load(open(studies / "datastore_v2.json"))["objects"]
@@ -89,7 +89,7 @@ def test_reconcile_builds_a_new_record_and_leaves_the_one_being_read_whole(tmp_p
     ds = _open(studies)
     ds.save_label("im0", label, "final", {})
     ds.save_label("im1", label, "final", {})
-    before = ds._datastore  # what a listing in another thread is reading
+    before = ds.record  # what a listing in another thread is reading
     (studies / "labels" / "final" / "im1.nii.gz").unlink()
     (studies / "im2.nii.gz").unlink()
     ds.refresh()
@@ -107,7 +107,7 @@ def test_datalist_items_are_image_label_pairs_and_revised_organs_come_apart(tmp_
     ds.save_label("im1", label, "final", {"revised": ["liver"]})
     ds.save_label("im2", label, "final", {})
     # The record's order and the datalist's need not agree: reversed here on purpose.
-    ds._datastore.objects = dict(reversed(list(ds._datastore.objects.items())))
+    ds.record.objects = dict(reversed(list(ds.record.objects.items())))
     items = ds.datalist()
     assert all(set(d) == {"image", "label"} for d in items) and len(items) == 2
     revised = ds.revised_by_image()
