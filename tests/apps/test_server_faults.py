@@ -12,6 +12,7 @@ import urllib.request
 import nibabel as nib
 import numpy as np
 import pytest
+from filelock import FileLock
 from monailabel.client import MONAILabelClient
 
 from testing.phantoms import make_phantom, write_phantom
@@ -64,12 +65,17 @@ def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_n
     first, during = sorted(truth)[:2], sorted(truth)[2:]
 
     # MONAI Label's datastore auto reload on, as its default settings run: the server's file watcher
-    # reloads the record whenever the round's process writes it, while the 16 saves land.
+    # reloads the record whenever a process writes it, while the 16 saves land.
     srv = Server(str(studies), conf, str(tmp_path), env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "true"}).wait_ready()
+    # The pool's scoring lock, held as another scoring of the pool would hold it (waiting first for the
+    # start-up scoring if it has it): round 1 trains while the saves land, and its re-scoring, the round's
+    # last step, waits for the lock, so the round is still running when every save has been answered.
+    other_scoring = FileLock(str(studies / ".suprem" / "scoring.lock"))
     try:
         client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
         for name in first:
             client.save_label(name, str(truth[name]), tag="final")
+        other_scoring.acquire(timeout=300)
         # Round 1 on demand, with the command the README gives.
         cli = subprocess.run(
             [sys.executable, "-m", "lib.rounds", "start", "--server", srv.url],
@@ -106,6 +112,7 @@ def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_n
         assert client.next_sample("importance", {}) == {}
         still = _rounds(client)["current"]
         assert still and still["round"] == 1, f"round 1 ended before the saves were in: {still}"
+        other_scoring.release()  # round 1 re-scores and ends; the 16 saves asked for round 2
 
         # Every label is on disk, byte for byte what was sent, and on its image's grid.
         for name in first + during:
@@ -139,6 +146,7 @@ def test_labels_saved_by_16_clients_during_a_round_are_all_kept_and_all_in_the_n
         listed = client.datastore()["objects"]
         assert all("final" in listed[n]["labels"] for n in first + during)
     finally:
+        other_scoring.release(force=True)
         srv.stop()
 
 
