@@ -108,6 +108,31 @@ class Tasks:
             self.rounds.log.mark_interrupted()
         return ended
 
+    def connect(self, datastore):
+        """Give the datastore the strategy's record of what Next Sample handed out at organ level: a final
+        label saved without ``revised`` (OHIF, 3D Slicer) then counts the organs handed to its annotator."""
+        strategy = self.strategies.get("importance")
+        if strategy is not None and hasattr(datastore, "handouts"):
+            datastore.handouts = strategy.organs_handed_to
+        return datastore
+
+    def keep_preannotation(self, datastore, request: Dict, result: Dict) -> None:
+        """Keep the label a segmentation infer served for a datastore image as its pre-annotation (what a
+        later final label is compared with, organ by organ). A failure here is logged: the infer answers."""
+        task = self.infers.get(request.get("model"))
+        image_id, file = request.get("image"), (result or {}).get("file")
+        save = getattr(datastore, "save_preannotation", None)
+        if save is None or not isinstance(task, SuPreMSegmentation) or not file or not os.path.isfile(file):
+            return
+        if not isinstance(image_id, str) or os.path.isabs(image_id):  # an uploaded file, not a datastore image
+            return
+        models = ((result or {}).get("params") or {}).get("models")
+        info = {"model": request.get("model"), "client_id": request.get("client_id"), "models": models}
+        try:
+            save(image_id, file, info)
+        except Exception as e:  # noqa: BLE001 - the annotator still gets the label
+            logger.warning(f"{image_id}: the pre-annotation served by {request.get('model')} was not kept: {e}")
+
     @property
     def label_dict(self) -> Dict[str, int]:
         return label_dict(self.cfg.labels)

@@ -64,8 +64,8 @@ class SuPreMApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return checked_dicomweb_datastore(super().init_datastore(), self.tasks.label_dict)
-        return checked_local_datastore(self.studies, self.tasks.label_dict.values())
+            return self.tasks.connect(checked_dicomweb_datastore(super().init_datastore(), self.tasks.label_dict))
+        return self.tasks.connect(checked_local_datastore(self.studies, self.tasks.label_dict.values()))
 
     def init_infers(self):
         return self.tasks.infers
@@ -100,4 +100,6 @@ class SuPreMApp(MONAILabelApp):
         checked_model(self.tasks.infers, request.get("model"))
         image = checked_image(ds, request.get("image"))
         what = f"infer {request.get('model')} on {os.path.basename(str(image))!r}"
-        return guarded(super().infer, what, dict(request, image=image), datastore)
+        result = guarded(super().infer, what, dict(request, image=image), datastore)
+        self.tasks.keep_preannotation(ds, dict(request, image=image), result)  # what the annotator starts from
+        return result

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -29,8 +29,8 @@ from lib.importance.records import INFO_KEY
 from lib.monailabel_private import LocalDatastoreHooks
 from lib.stopping import uninterrupted
 
-from .revisions import ORGANS_KEY, REVISED, RevisionError, merge_label, organ_records, requested_organs, revised_in
-from .revisions import unrevised_in
+from .revisions import ORGANS_KEY, REVISED, RevisionError, changed_organs, implied_revision, merge_label, organ_records
+from .revisions import requested_organs, revised_in, unrevised_in
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,50 @@ def check_label(image_path: str, label_path: str, allowed: Iterable[int], allow_
     return {"values": [int(v) for v in values if v], "voxels": n}
 
 
+# MONAI Label's tag for a label a model made for an image (its infer's ``save_label`` and batch infer keep
+# theirs under it): here the pre-annotation an infer task last served for the image.
+PREANNOTATION = DefaultLabelTag.ORIGINAL.value
+# Key of a final label's info saying how a save that named no organs was read (hand-out, changed organs).
+IMPLIED_KEY = "revised_from"
+
+Handouts = Callable[[Optional[str], str], Optional[List[str]]]  # (client id, image id) -> organs handed out
+
+
+def saving_client(params: Mapping) -> str:
+    return str(params.get("client_id") or params.get("user") or "anonymous")
+
+
+def implied_organs(
+    handouts: Optional[Handouts],
+    image_id: str,
+    label_filename: str,
+    params: Mapping,
+    served: Optional[Tuple[str, Mapping]],
+    classes: Mapping[str, int],
+) -> Tuple[Optional[List[str]], Dict]:
+    """The organs a final label that names none revised (``revisions.implied_revision``), and how they were
+    found (for the label's info; {} for a whole-volume save).
+
+    ``handouts(client, image)``: the organs Next Sample handed to that annotator for the image (the
+    strategy's record); ``served``: (file, info) of the pre-annotation served for the image. It is compared
+    only when it was served to the same annotator: another's may come from another model."""
+    client = params.get("client_id")
+    handed = handouts(client, image_id) if handouts and client else None
+    if not handed:
+        return None, {}
+    changed = None
+    if served is not None and str((served[1] or {}).get("client_id")) == str(client):
+        try:
+            new, _ = _read(label_filename, "label")
+            old, _ = _read(served[0], "pre-annotation")
+            changed = changed_organs(_squeeze(new), _squeeze(old), classes)
+        except (LabelError, ValueError) as e:  # counted on the hand-out alone
+            logger.warning(f"{image_id}: the label is not compared with its pre-annotation: {e}")
+    revised = implied_revision(handed, changed, list(classes))
+    logger.info(f"{image_id}: no 'revised' sent by {client}; handed out {handed}, changed {changed}: revised {revised}")
+    return revised, {IMPLIED_KEY: {"handed_out": list(handed), "changed": changed}}
+
+
 def labeled_images_now(datastore) -> List[str]:
     """Ids of the images with a final label as the store holds them now, not as this process last read
     them: rounds run in MONAI Label's train subprocess while the server saves labels."""
@@ -131,6 +175,8 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         self.allowed_labels = sorted(int(a) for a in allowed_labels)
         # The organs a Submit Label may name as revised: the label set, in SuPreM order.
         self.label_names = [SUPREM_CLASSES[i - 1] for i in self.allowed_labels if 0 < i <= len(SUPREM_CLASSES)]
+        # What Next Sample handed out at organ level (set by the app: the strategy's record); None: nothing.
+        self.handouts: Optional[Handouts] = None
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         """MONAI Label's add, made on the file's current record under the lock (MONAI Label's adds to
@@ -199,6 +245,11 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         except (LabelError, RevisionError) as e:
             logger.warning(f"label for {image_id!r} refused: {e}")
             raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
+        if revised_now is None and label_tag == DefaultLabelTag.FINAL:  # OHIF, Slicer: no names sent
+            classes = {n: CLASS_INDEX[n] for n in self.label_names}
+            served = self.served_preannotation(image_id)
+            revised_now, how = implied_organs(self.handouts, image_id, label_filename, params, served, classes)
+            params.update(how)
         _, label_ext = self.split_name(os.path.basename(label_filename))
         label_dir = self.record.label_path(label_tag)
         name = self.file_name(image_id, label_ext)
@@ -229,7 +280,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         previous = self._stored_organs(obj)
         before = set(revised_in(previous, names)) if previous is not None else set()
         keep = [CLASS_INDEX[n] for n in names if n in before and n not in now]
-        client_id = str(params.get("client_id") or params.get("user") or "anonymous")
+        client_id = saving_client(params)
         model = ((obj.image.info or {}).get(INFO_KEY) or {}).get("models")
         organs = organ_records(previous, now, names, ts, client_id, model)
         if not keep:  # nothing revised before survives this save: the new file is the label
@@ -244,6 +295,35 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         values = [int(v) for v in np.unique(merged) if v]
         logger.info(f"{image_id}: revised now {now}; kept as revised before {[n for n in names if CLASS_INDEX[n] in keep]}")
         return {ORGANS_KEY: organs, "checked": {"values": values, "voxels": int(np.count_nonzero(merged))}}
+
+    def save_preannotation(self, image_id: str, filename: str, info: Dict[str, Any]) -> None:
+        """Keep ``filename``, the label an infer task served for the image, as its pre-annotation (MONAI
+        Label's ``original`` tag), replacing the one kept before; written whole or not at all. Not checked
+        as a final label is: the app's own infer made it on the image's grid, and it may be empty."""
+        refuse_path_characters(image_id, "image id")
+        _, ext = self.split_name(os.path.basename(filename))
+        label_dir = self.record.label_path(PREANNOTATION)
+        name = self.file_name(image_id, ext)
+        with self._writing():
+            obj = self.record.objects.get(image_id)
+            if not obj:
+                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+            os.makedirs(label_dir, exist_ok=True)
+            with atomic_path(os.path.join(label_dir, name)) as tmp:
+                shutil.copyfile(filename, tmp)
+            previous = obj.labels.get(PREANNOTATION)
+            obj.labels[PREANNOTATION] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
+            if previous is not None and previous.info.get("name") not in (None, name):
+                _remove_quietly(os.path.join(label_dir, previous.info["name"]))
+
+    def served_preannotation(self, image_id: str) -> Optional[Tuple[str, Dict]]:
+        """(file, info) of the pre-annotation kept for the image; None when none is."""
+        obj = self.record.objects.get(image_id)
+        label = obj.labels.get(PREANNOTATION) if obj else None
+        if label is None:
+            return None
+        path = os.path.join(self.record.label_path(PREANNOTATION), (label.info or {}).get("name") or self.file_name(image_id, label.ext))
+        return (path, dict(label.info or {})) if os.path.isfile(path) else None
 
     def _stored_organs(self, obj) -> Optional[Dict[str, Dict]]:
         """The final label's organ records; None without a final label; every organ revised for a final

@@ -10,6 +10,11 @@ unchecked draft's) and train only at ``pseudo_weight``. ``model`` is the record 
 the pre-annotation (the image's importance record ``models``). A final label without ``organs`` was saved
 before organ-level revision existed, or as a whole volume: every organ counts as revised.
 
+A Submit Label without ``revised`` (OHIF, 3D Slicer: they send the label and ``label_info`` only) is read by
+``implied_revision``: after an organ-level Next Sample the organs handed out to that annotator, plus the
+organs whose voxels the annotator changed against the pre-annotation served for the image
+(``changed_organs``); without an organ-level hand-out, a whole-volume revision as before.
+
 Pure functions on dicts and arrays: the datastores call them under their file lock.
 """
 
@@ -44,6 +49,31 @@ def requested_organs(params: Mapping, label_names: Sequence[str]) -> Optional[Li
     if not value:
         raise RevisionError(f"'{PARAM}' is empty: name the revised organs, or leave it out for a whole-volume revision")
     return [n for n in label_names if n in set(value)]
+
+
+def changed_organs(new: np.ndarray, served: np.ndarray, classes: Mapping[str, int]) -> List[str]:
+    """Organs (``classes``: name -> class index, in the order wanted) whose voxels differ between the label
+    map ``new`` and the pre-annotation ``served`` (same grid): drawn, erased or moved anywhere, by even one
+    voxel. Raises ValueError when the grids differ."""
+    new, served = np.asarray(new), np.asarray(served)
+    if new.shape != served.shape:
+        raise ValueError(f"label shape {new.shape} differs from the pre-annotation's {served.shape}")
+    differ = new != served
+    touched = set(np.unique(new[differ]).tolist()) | set(np.unique(served[differ]).tolist())
+    return [n for n, v in classes.items() if int(v) in touched]
+
+
+def implied_revision(
+    handed: Optional[Sequence[str]], changed: Optional[Sequence[str]], label_names: Sequence[str]
+) -> Optional[List[str]]:
+    """The organs a save that names none revised, in the label set's order: the organs Next Sample handed to
+    the saving annotator (``handed``; None or empty: no organ-level hand-out) and those they changed against
+    the pre-annotation (``changed``; None: no pre-annotation to compare). None, a whole-volume revision,
+    when nothing was handed out at organ level: a save without a hand-out behaves as it always did."""
+    if not handed:
+        return None
+    revised = set(handed) | set(changed or ())
+    return [n for n in label_names if n in revised]
 
 
 def revised_in(organs: Optional[Mapping[str, Dict]], label_names: Iterable[str]) -> List[str]:

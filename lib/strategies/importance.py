@@ -88,6 +88,19 @@ class ImportanceStrategy(Strategy):
         logger.info(f"importance: {image_id} for {client or 'anonymous'} (score {out.get('score', 'none')}, organs {organs})")
         return out
 
+    def organs_handed_to(self, client_id, image_id: str) -> Optional[List[str]]:
+        """The organs of ``image_id`` handed to annotator ``client_id`` at organ level in the last ``hold_s``
+        seconds (a Submit Label naming no organs counts them as revised); None when that annotator holds
+        no organs of it (a whole-image hand-out, none, or a request that does not say who asks)."""
+        client = client_of({"client_id": client_id})
+        if not client:
+            return None
+        with self._lock:
+            now = time.time()
+            held = self._handed.get(image_id, {})
+            organs = [k for k, h in held.items() if h.client == client and now - h.since < self.hold_s]
+        return None if not organs or WHOLE in organs else organs
+
     def _expire(self, now: float) -> None:
         kept = {}
         for image_id, held in self._handed.items():

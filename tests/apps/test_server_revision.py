@@ -179,3 +179,64 @@ def test_next_sample_hands_out_the_organs_still_to_revise(env, tmp_path):
     client.save_label("rv_a", f, tag="final", params={"revised": attention})
     assert MONAILabelClient(url).next_sample("importance", {"client_id": "ann-4"}) == {}
     assert client.info()["suprem"]["revision"][attention[2]] == {"revised": 3, "attention": 0}
+
+
+def _label_info(lab):
+    """MONAI Label's ``label_info`` as 3D Slicer's and OHIF's Submit Label send it: the segments, no ``revised``."""
+    names = {v: n for n, v in CLASS_INDEX.items()}
+    return [{"name": names[int(v)], "idx": int(v)} for v in np.unique(lab) if v]
+
+
+def _on_background(lab, served, value, box):
+    """``value`` drawn into ``box`` where the served label has no organ: only that organ changes."""
+    region = np.zeros(lab.shape, bool)
+    region[box] = True
+    lab[region & (served == 0)] = value
+    assert (region & (served == 0)).sum() > 50
+
+
+def test_a_save_naming_no_organs_revises_the_organs_handed_out_and_changed_and_revised_overrides(env, tmp_path):
+    url, studies = env["server"].url, env["studies"]
+    ann = MONAILabelClient(url, client_id="ann-5", tmpdir=str(tmp_path))
+    write_phantom(make_phantom(63, shape=(48, 48, 32), spacing_mm=(3.0, 3.0, 4.0)), str(tmp_path / "new"), "rv_d", None)
+    # Its importance record as the scoring writes it (the scoring itself is tested above): two organs to hand out.
+    record = {"score": 9, "organs": ["liver", "spleen", "aorta"], "organ_scores": {"liver": 4, "spleen": 3, "aorta": 2}}
+    ann.upload_image(str(tmp_path / "new" / "rv_d.nii.gz"), "rv_d", {"importance": record})
+    got = ann.next_sample("importance", {})
+    handed = got["organs"]
+    assert (got["id"], handed) == ("rv_d", ["liver", "spleen"]), got
+    # The annotator runs the model (the pre-annotation the server keeps), fixes the handed-out organs and
+    # draws one more, and saves as Slicer and OHIF do: the label and its label_info, no "revised".
+    served_file, _ = ann.infer("segresnet", "rv_d", {})
+    served = np.asarray(nib.load(served_file).dataobj)
+    assert ann.datastore()["objects"]["rv_d"]["labels"]["original"]["info"]["client_id"] == "ann-5"
+    drawn = "pancreas"
+    lab1 = served.copy()
+    _on_background(lab1, served, CLASS_INDEX[handed[0]], (slice(0, 12), slice(0, 12), slice(0, 8)))
+    _on_background(lab1, served, CLASS_INDEX[drawn], (slice(36, 48), slice(36, 48), slice(24, 32)))
+    affine = nib.load(str(studies / "rv_d.nii.gz")).affine
+    f1 = str(tmp_path / "implied.nii.gz")
+    nib.save(nib.Nifti1Image(lab1, affine), f1)
+    ann.save_label("rv_d", f1, tag="final", params={"label_info": _label_info(lab1)})
+    organs = _organs(ann, "rv_d")
+    assert sorted(n for n, r in organs.items() if r["state"] == "revised") == sorted(handed + [drawn])
+    assert organs[handed[1]]["client_id"] == "ann-5" and np.array_equal(_stored(env, "rv_d"), lab1)
+    # An explicit "revised" overrides the hand-out and the comparison: the organs it does not name, changed
+    # or not, are pseudo labels now or keep what was revised before, voxel for voxel.
+    lab2 = lab1.copy()
+    lab2[lab2 == CLASS_INDEX[handed[0]]] = 0  # a revised organ erased in this file: kept as stored
+    _on_background(lab2, lab1, CLASS_INDEX["gall_bladder"], (slice(36, 48), slice(0, 12), slice(0, 8)))
+    _on_background(lab2, lab1, CLASS_INDEX["duodenum"], (slice(0, 12), slice(36, 48), slice(24, 32)))
+    f2 = str(tmp_path / "named.nii.gz")
+    nib.save(nib.Nifti1Image(lab2, affine), f2)
+    ann.save_label("rv_d", f2, tag="final", params={"label_info": _label_info(lab2), "revised": ["gall_bladder"]})
+    organs = _organs(ann, "rv_d")
+    assert sorted(n for n, r in organs.items() if r["state"] == "revised") == sorted(handed + [drawn, "gall_bladder"])
+    assert organs["duodenum"]["state"] == "pseudo"
+    stored = _stored(env, "rv_d")
+    assert np.array_equal(stored == CLASS_INDEX[handed[0]], lab1 == CLASS_INDEX[handed[0]])
+    info = ann.datastore()["objects"]["rv_d"]["labels"]["final"]["info"]
+    assert "revised_from" not in info
+    # A save by an annotator Next Sample handed nothing: a whole-volume revision, as before.
+    MONAILabelClient(url, client_id="ann-6").save_label("rv_d", f2, tag="final", params={"label_info": _label_info(lab2)})
+    assert {r["state"] for r in _organs(ann, "rv_d").values()} == {"revised"}

@@ -114,3 +114,32 @@ def test_datalist_items_are_image_label_pairs_and_revised_organs_come_apart(tmp_
     by_name = {os.path.basename(d["image"]): revised[os.path.realpath(d["image"])] for d in items}
     assert by_name["im1.nii.gz"] == ["liver"]
     assert by_name["im2.nii.gz"] == ds.label_names
+
+
+def test_a_final_label_naming_no_organs_counts_the_organs_handed_out_and_those_changed_from_the_pre_annotation(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from lib.classes import CLASS_INDEX
+
+    studies, label = tiny_studies(tmp_path)
+    ds = _open(studies)
+    ds.handouts = lambda client, image: ["pancreas", "aorta"] if (client, image) == ("a-1", "im0") else None
+    ref = nib.load(label)
+    served = np.asarray(ref.dataobj).copy()  # the model's liver (tiny_studies) and a stomach
+    served[10:14, 10:14, 2:6] = CLASS_INDEX["stomach"]
+    nib.save(nib.Nifti1Image(served, ref.affine), str(tmp_path / "served.nii.gz"))
+    ds.save_preannotation("im0", str(tmp_path / "served.nii.gz"), {"client_id": "a-1", "model": "segresnet"})
+    assert ds.json()["objects"]["im0"]["labels"]["original"]["info"]["client_id"] == "a-1"
+    new = served.copy()
+    new[4, 4, 3] = 0  # the annotator fixed one liver voxel; the stomach is as served
+    nib.save(nib.Nifti1Image(new, ref.affine), str(tmp_path / "new.nii.gz"))
+    label_info = [{"name": "liver", "idx": CLASS_INDEX["liver"]}, {"name": "stomach", "idx": CLASS_INDEX["stomach"]}]
+    ds.save_label("im0", str(tmp_path / "new.nii.gz"), "final", {"client_id": "a-1", "label_info": label_info})
+    organs = ds.organs_of("im0")
+    assert sorted(n for n, r in organs.items() if r["state"] == "revised") == ["aorta", "liver", "pancreas"]
+    assert ds.get_label_info("im0", "final")["revised_from"] == {"handed_out": ["pancreas", "aorta"], "changed": ["liver"]}
+    # Another annotator, handed nothing: a whole-volume save, as before (the pre-annotation is not theirs).
+    ds.save_label("im1", str(tmp_path / "new.nii.gz"), "final", {"client_id": "a-2", "label_info": label_info})
+    assert {r["state"] for r in ds.organs_of("im1").values()} == {"revised"}
+    assert "revised_from" not in ds.get_label_info("im1", "final")

@@ -54,3 +54,17 @@ def test_an_unscored_hand_out_comes_back_with_its_organs_once_scored_and_organ_h
     assert ask({"client_id": "a-7"}, ds)["organs"] == ORGANS[1:2], "the held organ still to revise"
     ds.save_label("im0", label, "final", {"revised": ORGANS[1:2], "client_id": "a-7"})
     assert ask({"client_id": "a-7"}, ds) == {}, "done; the other organs are with a-8"
+
+
+def test_the_organs_handed_out_are_known_for_their_holder_only_and_only_within_the_hold(tmp_path):
+    ds, _ = _datastore(tmp_path, n=2)
+    _score(ds, "im0", 40)
+    ask = ImportanceStrategy(hold_s=600, organs_per_sample=2)
+    assert ask({"client_id": "a-7"}, ds)["organs"] == ORGANS[:2]
+    assert ask.organs_handed_to("a-7", "im0") == ORGANS[:2]
+    assert ask.organs_handed_to("a-8", "im0") is None and ask.organs_handed_to("a-7", "im1") is None
+    assert ask.organs_handed_to(None, "im0") is None and ask.organs_handed_to("user-xyz", "im0") is None
+    whole = ImportanceStrategy(hold_s=600)  # K = 0: the whole image is handed out, not some organs
+    assert whole({"client_id": "a-7"}, ds)["id"] == "im0" and whole.organs_handed_to("a-7", "im0") is None
+    ask.hold_s = 0.0  # the hold has run out
+    assert ask.organs_handed_to("a-7", "im0") is None
