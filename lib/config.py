@@ -52,6 +52,20 @@ def _number(conf: Mapping[str, str], key: str, kind, default):
         raise ConfError(f"--conf {key} {v!r}: expected a {kind.__name__}") from None
 
 
+def _non_negative(conf: Mapping[str, str], key: str, default: float) -> float:
+    v = _number(conf, key, float, default)
+    if not v >= 0 or v == float("inf"):
+        raise ConfError(f"--conf {key} {conf.get(key)!r}: expected a number >= 0")
+    return v
+
+
+def _fraction(conf: Mapping[str, str], key: str, default: float) -> float:
+    v = _number(conf, key, float, default)
+    if not 0 <= v <= 1:
+        raise ConfError(f"--conf {key} {conf.get(key)!r}: expected a number from 0 to 1")
+    return v
+
+
 @dataclass
 class AppConfig:
     models: List[str]
@@ -88,6 +102,11 @@ class AppConfig:
     train_gpus: str = "all"
     pseudo_weight: float = 0.0
     organs_per_sample: int = 0
+    importance_mode: str = "reference"  # "calibrated": lib.importance.calibrated
+    band_mm: float = 6.0  # calibrated mode: half-width of the border band (mm)
+    opening_mm: float = 0.0  # calibrated mode: thinnest uncertain structure kept (mm; 0: no opening)
+    diversity_temperature: float = 0.0  # Next Sample's batch noise at round 0 (0: the top of one sorted list)
+    diversity_decay: float = 0.5  # the temperature's factor per round done
 
 
 def _label_map(value: Optional[str]) -> Optional[Dict[int, int]]:
@@ -187,6 +206,11 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         train_gpus=str(conf.get("train_gpus", "all")),
         pseudo_weight=_number(conf, "pseudo_weight", float, 0.0),  # loss weight of organs nobody revised
         organs_per_sample=_number(conf, "organs_per_sample", int, 0),  # organs Next Sample names (0: all)
+        importance_mode=_choice(conf, "importance_mode", ("reference", "calibrated")),
+        band_mm=_non_negative(conf, "band_mm", 6.0),
+        opening_mm=_non_negative(conf, "opening_mm", 0.0),
+        diversity_temperature=_non_negative(conf, "diversity_temperature", 0.0),
+        diversity_decay=_fraction(conf, "diversity_decay", 0.5),
     )
 
 
@@ -203,4 +227,6 @@ def conf_summary(cfg: AppConfig) -> Dict:
         "preprocess_cache": cfg.preprocess_cache,
         "pseudo_weight": cfg.pseudo_weight,
         "organs_per_sample": cfg.organs_per_sample,
+        "importance_mode": cfg.importance_mode,
+        "diversity_temperature": cfg.diversity_temperature,
     }

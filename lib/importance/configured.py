@@ -29,7 +29,8 @@ def weights_registry(cfg: AppConfig, model_dir: str) -> WeightsRegistry:
 
 
 def volume_scorer(cfg: AppConfig, registry, cache: Optional[NetworkCache] = None, cache_dir: Optional[str] = None):
-    """The per-volume importance step with the config's backbones, labels, recipe, entropy and score."""
+    """The per-volume importance step with the config's backbones, labels, recipe, entropy, score and
+    importance mode (reference or calibrated, with its band and opening)."""
     return VolumeScorer(
         cfg.models,
         registry,
@@ -40,6 +41,9 @@ def volume_scorer(cfg: AppConfig, registry, cache: Optional[NetworkCache] = None
         entropy=cfg.entropy,
         normalise_score=cfg.normalise_score,
         cache_dir=cache_dir,
+        mode=cfg.importance_mode,
+        band_mm=cfg.band_mm,
+        opening_mm=cfg.opening_mm,
     )
 
 

@@ -16,6 +16,7 @@ from monai.transforms import Compose, ToDeviced
 
 from lib.networks.inference import BackboneSet, NetworkCache, synchronize, timed
 from lib.importance.attention import AttentionResult, compute_attention
+from lib.importance.calibrated import BAND_MM, CALIBRATED_VERSION, OPENING_MM, compute_calibrated
 from lib.transforms.labels import organ_masks
 from lib.transforms.cache import open_cache
 from lib.transforms.recipe import Recipe, inference_pre_transforms
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 # Bump when the score or the organ order changes in a way the model files and options do not show, so
 # stored records made the old way are scored again (2: each organ's heat by its own maximum, 2026-12-04).
 SCORING_METHOD_VERSION = 2
+# How a volume is ranked: the AbdomenAtlas-8K attention as the original computes it, or the calibrated
+# expected Dice loss along the predicted borders (``lib.importance.calibrated``).
+IMPORTANCE_MODES = ("reference", "calibrated")
 
 
 class FixedWeights:
@@ -56,6 +60,9 @@ class ScorerSpec:
     entropy: str = "positive"
     normalise_score: bool = False
     cache_dir: Optional[str] = None
+    mode: str = "reference"
+    band_mm: float = BAND_MM
+    opening_mm: float = OPENING_MM
 
     def build(self, device: Optional[str] = None) -> "VolumeScorer":
         return VolumeScorer(
@@ -67,6 +74,9 @@ class ScorerSpec:
             entropy=self.entropy,
             normalise_score=self.normalise_score,
             cache_dir=self.cache_dir,
+            mode=self.mode,
+            band_mm=self.band_mm,
+            opening_mm=self.opening_mm,
         )
 
 
@@ -74,7 +84,9 @@ class VolumeScorer:
     """Runs the loaded backbones on a volume and computes its AbdomenAtlas-8K attention.
 
     backbones: the backbones to use (those with weights are used); labels: the organ names scored;
-    entropy / normalise_score: the options of ``compute_attention`` (defaults = the reference).
+    entropy / normalise_score: the options of ``compute_attention`` (defaults = the reference);
+    mode: ``"reference"`` (that attention) or ``"calibrated"`` (``compute_calibrated`` with ``band_mm`` and
+    ``opening_mm``, in mm on the recipe's grid; entropy and normalise_score do not apply there).
     """
 
     def __init__(
@@ -88,7 +100,12 @@ class VolumeScorer:
         entropy: str = "positive",
         normalise_score: bool = False,
         cache_dir: Optional[str] = None,
+        mode: str = "reference",
+        band_mm: float = BAND_MM,
+        opening_mm: float = OPENING_MM,
     ):
+        if mode not in IMPORTANCE_MODES:
+            raise ValueError(f"importance mode {mode!r}: choose one of {', '.join(IMPORTANCE_MODES)}")
         self.backbones = BackboneSet(backbones, registry, labels, cache)
         self.registry = registry
         self.labels = list(labels)
@@ -97,6 +114,9 @@ class VolumeScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.entropy = entropy
         self.normalise_score = normalise_score
+        self.mode = mode
+        self.band_mm = float(band_mm)
+        self.opening_mm = float(opening_mm)
         # On a GPU the grid steps run there; what goes to the disk cache comes back to the host first.
         self._pre = Compose(inference_pre_transforms(recipe, device=self.device))
         self._pre_for_cache = Compose(list(self._pre.transforms) + [ToDeviced("image", "cpu")])
@@ -118,7 +138,12 @@ class VolumeScorer:
 
     def method(self) -> Dict:
         """How this scorer scores, beside its model files: a stored record made otherwise is not current."""
-        return {"version": SCORING_METHOD_VERSION, "entropy": self.entropy, "normalise_score": self.normalise_score}
+        method = {"version": SCORING_METHOD_VERSION, "entropy": self.entropy, "normalise_score": self.normalise_score}
+        if self.mode != "reference":  # the reference's records stay as they were: no re-scoring of a pool for it
+            method.update(
+                {"mode": self.mode, "calibrated": CALIBRATED_VERSION, "band_mm": self.band_mm, "opening_mm": self.opening_mm}
+            )
+        return method
 
     def spec(self) -> "ScorerSpec":
         """What another process needs to build this scorer with the model files in use now."""
@@ -130,6 +155,9 @@ class VolumeScorer:
             entropy=self.entropy,
             normalise_score=self.normalise_score,
             cache_dir=self.cache_dir,
+            mode=self.mode,
+            band_mm=self.band_mm,
+            opening_mm=self.opening_mm,
         )
 
     def probabilities(self, image, stages: Optional[Dict[str, float]] = None) -> torch.Tensor:
@@ -155,9 +183,14 @@ class VolumeScorer:
         with timed(stages, "masks", self.device):
             masks = organ_masks(probs.mean(0), self.recipe.threshold)
         with timed(stages, "attention", self.device):
-            result = compute_attention(
-                probs, masks, self.labels, entropy=self.entropy, normalise_score=self.normalise_score
-            )
+            if self.mode == "calibrated":
+                result = compute_calibrated(
+                    probs, masks, self.labels, self.recipe.spacing, band_mm=self.band_mm, opening_mm=self.opening_mm
+                )
+            else:
+                result = compute_attention(
+                    probs, masks, self.labels, entropy=self.entropy, normalise_score=self.normalise_score
+                )
         return result
 
     def score_file(self, path: str) -> Tuple[Dict, AttentionResult]:
@@ -189,7 +222,7 @@ class VolumeScorer:
             "organs": [o for o in result.priority if result.heat_sums.get(o, 0) > 0],
             "priority": list(result.priority),
             "attention_ml": {o: round(v * voxel_ml, 3) for o, v in result.attention_voxels.items() if v},
-            "heat": {o: round(float(h), 3) for o, h in result.heat_sums.items() if h},
+            "heat": {o: round(float(h), 3) for o, h in result.heat_sums.items() if h},  # calibrated: the gains
             "organ_scores": {o: round(float(v), 6) for o, v in result.organ_scores.items() if v},  # terms of score
             "models": versions,
             "method": self.method(),
