@@ -348,9 +348,24 @@ def main(argv=None) -> int:
 
 
 def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) -> str:
+    tasks, sizes = build_app_tasks(needed, tmp)
+    any_task = tasks.infers[needed[0]]
+    channels = any_task.backbones.channels
+    ins = prepare_inputs(any_task, inputs, tmp)
+    nets, load_s, warm_req = load_and_warm(args, tasks, needed, presets, channels, device, tmp)
+    wt = time_all_windows(args, nets, needed, presets, channels, device)
+    cases, sw_over, sw_cpu = project_cases(ins, models, needed, presets, wt, device, channels)
+    run_cases(args, tasks, nets, cases)
+    load_after = load_avg()
+    return render(args, facts, load_before, load_after, ins, presets, needed, sizes, load_s, wt, sw_over, sw_cpu,
+                  cases, device, warm_req)
+
+
+def build_app_tasks(needed: List[str], tmp: str):
+    """The app's tasks, built by the app's own code from a conf, on synthetic released-format weights;
+    and each checkpoint's size (MiB)."""
     from testing.synthetic_weights import write_synthetic_checkpoint
 
-    # The app's tasks, built by the app's own code from a conf, on synthetic released-format weights.
     wdir = os.path.join(tmp, "weights")
     sizes = {}
     for b in needed:
@@ -366,10 +381,11 @@ def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) 
             "hf_endpoint": "http://127.0.0.1:9",  # never the internet
         },
     )
-    any_task = tasks.infers[needed[0]]
-    channels = any_task.backbones.channels
+    return tasks, sizes
 
-    # Inputs and their working grids.
+
+def prepare_inputs(any_task, inputs: List[str], tmp: str) -> List[Input]:
+    """The inputs and their working grids."""
     ins: List[Input] = []
     for name in inputs:
         inp = prepare_input(name, os.path.join(tmp, "inputs"))
@@ -377,8 +393,12 @@ def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) 
         log(f"input {inp.name}: {inp.shape} at {inp.spacing} mm -> working grid {inp.grid} "
             f"(pre-transforms {inp.pre_s:.1f} s, first run)")
         ins.append(inp)
+    return ins
 
-    # Model loading (build + load checkpoint + to device), then the untimed warm-up.
+
+def load_and_warm(args, tasks, needed, presets, channels, device, tmp):
+    """Model loading (build + load checkpoint + to device), timed, then the untimed warm-up: the networks,
+    the seconds each took to load, and (backbone, latencies) of the warm-up request."""
     load_s: Dict[str, float] = {}
     nets: Dict[str, torch.nn.Module] = {}
     for b in needed:
@@ -398,8 +418,11 @@ def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) 
         t = time.perf_counter()
         forward_window(nets[b], channels, r, device, r.sw_batch_size if device.type == "cuda" else 1)
         log(f"warm-up {b} ({p}) {time.perf_counter() - t:.1f} s")
+    return nets, load_s, (first, warm_req)
 
-    # Seconds per window, per backbone and preset.
+
+def time_all_windows(args, nets, needed, presets, channels, device) -> Dict[Tuple[str, str], WindowTime]:
+    """Seconds per window, per backbone and preset."""
     wt: Dict[Tuple[str, str], WindowTime] = {}
     for b in needed:
         for p in presets:
@@ -407,8 +430,12 @@ def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) 
             w = wt[b, p]
             log(f"window {b} {p}: {w.s_per_batch:.2f} s per batch of {w.batch} ({w.s_per_window:.2f} s/window, "
                 f"{w.passes} passes)")
+    return wt
 
-    # Cases; projected inferer time for each.
+
+def project_cases(ins, models, needed, presets, wt, device, channels):
+    """The cases, each with its projected inferer time (wall clock and CPU), and the sliding-window
+    overhead without a network per (input, preset), wall clock and CPU."""
     cases: List[Case] = []
     sw_over: Dict[Tuple[str, str], float] = {}
     sw_cpu: Dict[Tuple[str, str], float] = {}
@@ -423,22 +450,31 @@ def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) 
                 c.proj_infer = sum(n * wt[b, p].s_per_window + sw_over[inp.name, p] for b in bbs)
                 c.proj_cpu = sum(n * wt[b, p].cpu_per_window + sw_cpu[inp.name, p] for b in bbs)
                 cases.append(c)
+    return cases, sw_over, sw_cpu
 
-    # Full runs, cheapest first, within the budgets.
+
+def skip_reason(args, c: Case, cases: List[Case]) -> str:
+    """Why a case is not run (its estimate passes a budget), or ''. Non-inferer seconds come from earlier
+    full runs on this input where there are some. Under a shared CPU a full run can take several times its
+    projection: scaled by the worst measured/projected inferer ratio seen so far, so that the budgets hold."""
+    done = [d.other() for d in cases if d.inp is c.inp and d.measured]
+    slow = max([1.0] + [d.med("infer") / d.proj_infer for d in cases if d.measured and d.proj_infer > 0])
+    est = (c.proj_infer * slow + (max(done) if done else c.inp.pre_s)) * args.repeat
+    elapsed = time.perf_counter() - T0
+    if est > args.max_seconds:
+        return f"estimated {est:.0f} s > --max-seconds {args.max_seconds:.0f}"
+    if args.total_seconds and elapsed + est > args.total_seconds:
+        return f"would end past --total-seconds {args.total_seconds:.0f} (at {elapsed + est:.0f} s)"
+    return ""
+
+
+def run_cases(args, tasks, nets, cases: List[Case]) -> None:
+    """Full runs through the infer tasks, cheapest first, within the budgets; each case keeps its runs'
+    latencies and the windows each network saw."""
     counter = WindowCounter(nets)
     try:
         for c in sorted(cases, key=lambda c: c.proj_infer + c.inp.pre_s):
-            # Non-inferer seconds: from earlier full runs on this input where there are some. Under a
-            # shared CPU a full run can take several times its projection: scale by the worst
-            # measured/projected inferer ratio seen so far, so that the budgets hold.
-            done = [d.other() for d in cases if d.inp is c.inp and d.measured]
-            slow = max([1.0] + [d.med("infer") / d.proj_infer for d in cases if d.measured and d.proj_infer > 0])
-            est = (c.proj_infer * slow + (max(done) if done else c.inp.pre_s)) * args.repeat
-            elapsed = time.perf_counter() - T0
-            if est > args.max_seconds:
-                c.skipped = f"estimated {est:.0f} s > --max-seconds {args.max_seconds:.0f}"
-            elif args.total_seconds and elapsed + est > args.total_seconds:
-                c.skipped = f"would end past --total-seconds {args.total_seconds:.0f} (at {elapsed + est:.0f} s)"
+            c.skipped = skip_reason(args, c, cases)
             if c.skipped:
                 log(f"skip {c.inp.name} {c.model} {c.preset}: {c.skipped}")
                 continue
@@ -464,10 +500,6 @@ def run(args, models, presets, inputs, needed, device, tmp, facts, load_before) 
                     f"write {lat['write']:.1f}); windows seen {c.counted}")
     finally:
         counter.close()
-
-    load_after = load_avg()
-    return render(args, facts, load_before, load_after, ins, presets, needed, sizes, load_s, wt, sw_over, sw_cpu,
-                  cases, device, (first, warm_req))
 
 
 def cpu_marks(marks: Dict[str, float]) -> Dict:
@@ -503,12 +535,16 @@ def fmt_shape(s) -> str:
 
 def render(args, facts, load_before, load_after, ins, presets, needed, sizes, load_s, wt, sw_over, sw_cpu,
            cases, device, warm_req) -> str:
-    # Non-inferer seconds per input, from the full runs on it (median over them).
-    other: Dict[str, Optional[float]] = {}
-    for inp in ins:
-        vals = [c.other() for c in cases if c.inp is inp and c.measured]
-        other[inp.name] = statistics.median(vals) if vals else None
+    L = render_header(facts, load_before, load_after, ins)
+    L += render_cases(cases, ins, wt, sw_over, device)
+    L += render_target_and_warmup(cases, facts, device, warm_req)
+    L += render_windows(ins, presets, needed, sizes, load_s, wt, sw_over, sw_cpu)
+    L += render_projection_check(cases)
+    return "\n".join(L)
 
+
+def render_header(facts, load_before, load_after, ins) -> List[str]:
+    """The run's command, machine, load and inputs."""
     L: List[str] = []
     L.append(f"### bench_infer.py run, {facts['date']}")
     L.append("")
@@ -526,6 +562,18 @@ def render(args, facts, load_before, load_after, ins, presets, needed, sizes, lo
         L.append(f"- input `{inp.name}`: {inp.what}, {fmt_shape(inp.shape)} at {inp.spacing} mm -> working grid "
                  f"{fmt_shape(inp.grid)} at 1.5 mm after RAS/spacing/window/foreground crop")
     L.append("")
+    return L
+
+
+def render_cases(cases, ins, wt, sw_over, device) -> List[str]:
+    """One row per case: measured, or projected from the seconds per window."""
+    L: List[str] = []
+    # Non-inferer seconds per input, from the full runs on it (median over them).
+    other: Dict[str, Optional[float]] = {}
+    for inp in ins:
+        vals = [c.other() for c in cases if c.inp is inp and c.measured]
+        other[inp.name] = statistics.median(vals) if vals else None
+
     L.append("| input | shape | working grid | windows | backbone | preset | device | seconds (total) "
              "| inferer s | other s (pre / post / write) |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -552,6 +600,12 @@ def render(args, facts, load_before, load_after, ins, presets, needed, sizes, lo
             L.append(head + f"| ~{c.proj_infer + base:.0f} {how} | ~{c.proj_infer:.0f} | {o_txt} |")
     L.append("")
 
+    return L
+
+
+def render_target_and_warmup(cases, facts, device, warm_req) -> List[str]:
+    """The GPU target's verdict, and the untimed warm-up."""
+    L: List[str] = []
     # The GPU target.
     tgt = [c for c in cases if c.model == "ensemble" and c.preset == "fast" and c.inp.name == "big"]
     if tgt:
@@ -571,6 +625,12 @@ def render(args, facts, load_before, load_after, ins, presets, needed, sizes, lo
              f"infer {wl['infer']:.1f}, post {wl['post']:.1f}, write {wl['write']:.1f}); then one window per backbone"
              + (" and preset" if device.type == "cuda" else "") + ".")
     L.append("")
+    return L
+
+
+def render_windows(ins, presets, needed, sizes, load_s, wt, sw_over, sw_cpu) -> List[str]:
+    """Model loading and seconds per window; the sliding-window overhead without a network."""
+    L: List[str] = []
     L.append("Model loading (build + load checkpoint + move to device; not in the times above) and seconds per "
              "96^3 window:")
     L.append("")
@@ -594,6 +654,12 @@ def render(args, facts, load_before, load_after, ins, presets, needed, sizes, lo
             for p in presets) + " |")
     L.append("")
 
+    return L
+
+
+def render_projection_check(cases) -> List[str]:
+    """The projection checked against the measured cases."""
+    L: List[str] = []
     checks = [c for c in cases if c.measured]
     if checks:
         L.append("Projection check on the measured cases (windows the networks saw; inferer measured vs "
@@ -612,8 +678,7 @@ def render(args, facts, load_before, load_after, ins, presets, needed, sizes, lo
                      f"| {c.med('cpu_infer'):.1f} / {c.proj_cpu:.1f} ({c.med('cpu_infer') / c.proj_cpu:.2f}) "
                      f"| {c.med('cpu_total'):.1f} |")
         L.append("")
-    return "\n".join(L)
-
+    return L
 
 if __name__ == "__main__":
     sys.exit(main())
