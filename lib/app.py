@@ -16,7 +16,8 @@ from lib.datastore import labeled_images_now, revision_progress
 from lib.infers.attention import AttentionInfer
 from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
-from lib.rounds.manager import RoundManager
+from lib.rounds.log import DONE, RoundLog
+from lib.rounds.manager import LOG_FILE, RoundManager
 from lib.trainers.round import RoundTrainTask, run_round
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.importance.configured import scoring_engine, volume_scorer, weights_registry
@@ -118,13 +119,17 @@ class Tasks:
 
     def keep_preannotation(self, datastore, request: Dict, result: Dict) -> None:
         """Keep the label a segmentation infer served for a datastore image as its pre-annotation (what a
-        later final label is compared with, organ by organ). A failure here is logged: the infer answers."""
+        later final label is compared with, organ by organ), when Next Sample holds organs of that image for
+        the asking client: only then is it compared. A failure here is logged: the infer answers."""
         task = self.infers.get(request.get("model"))
         image_id, file = request.get("image"), (result or {}).get("file")
         save = getattr(datastore, "save_preannotation", None)
         if save is None or not isinstance(task, SuPreMSegmentation) or not file or not os.path.isfile(file):
             return
         if not isinstance(image_id, str) or os.path.isabs(image_id):  # an uploaded file, not a datastore image
+            return
+        strategy = self.strategies.get("importance")
+        if strategy is None or not strategy.organs_handed_to(request.get("client_id"), image_id):
             return
         models = ((result or {}).get("params") or {}).get("models")
         info = {"model": request.get("model"), "client_id": request.get("client_id"), "models": models}
@@ -243,7 +248,13 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
     if on.strategy:
         tasks.strategies.update(
             {
-                "importance": ImportanceStrategy(hold_s=cfg.hold_s, organs_per_sample=cfg.organs_per_sample),
+                "importance": ImportanceStrategy(
+                    hold_s=cfg.hold_s,
+                    organs_per_sample=cfg.organs_per_sample,
+                    diversity_temperature=cfg.diversity_temperature,
+                    diversity_decay=cfg.diversity_decay,
+                    round_of=rounds_done(state_dir),
+                ),
                 "random": Random(),
                 "first": First(),
             }
@@ -251,6 +262,19 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
     for b in cfg.models:
         logger.info(f"Model {b}: {registry.info(b)}")
     return tasks
+
+
+def rounds_done(state_dir: str) -> Callable[[], int]:
+    """How many rounds of this state folder ended done (read from the round log at each call): the round
+    index of the diverse batch's temperature schedule."""
+    path = os.path.join(state_dir, "rounds", LOG_FILE)
+
+    def count() -> int:
+        if not os.path.exists(path):
+            return 0
+        return sum(1 for e in RoundLog(path).entries() if e.get("status") == DONE)
+
+    return count
 
 
 def checked_local_datastore(studies: str, allowed_labels) -> "CheckedLocalDatastore":

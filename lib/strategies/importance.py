@@ -6,12 +6,15 @@ import copy
 import logging
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+
+import numpy as np
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.datastore import ranked_pool, revised_organs
+from lib.importance.diversity import diverse_batch, round_temperature
 from lib.importance.records import Ranked, is_scored
 
 logger = logging.getLogger(__name__)
@@ -50,12 +53,31 @@ class ImportanceStrategy(Strategy):
     handed to them is not done (no final label saved for the image since, or organs held still
     unrevised) they get the same image back, renewed for ``hold_s``, with its score and organs once
     scoring has made them. Requests without a client id get new work each time.
+
+    ``diversity_temperature`` T > 0: annotators asking within ``hold_s`` get a batch, not the top of one
+    sorted list: the scored pool is ordered by ``lib.importance.diversity.diverse_batch`` (stratified by
+    the records' per-organ scores, Gumbel noise of temperature ``T * diversity_decay ** r`` in round r,
+    ``r = round_of()``, default 0; the noise seeded by ``(seed, r)``, so one round's batch is the same
+    for every request until the pool changes) and handed out in that order. T = 0 (default): the
+    highest score first, as before.
     """
 
-    def __init__(self, hold_s: float = 1800.0, organs_per_sample: int = 0):
+    def __init__(
+        self,
+        hold_s: float = 1800.0,
+        organs_per_sample: int = 0,
+        diversity_temperature: float = 0.0,
+        diversity_decay: float = 0.5,
+        round_of: Optional[Callable[[], int]] = None,
+        seed: int = 0,
+    ):
         super().__init__("Highest AbdomenAtlas-8K importance score first, with the organs to revise")
         self.hold_s = hold_s
         self.organs_per_sample = max(0, int(organs_per_sample or 0))
+        self.diversity_temperature = float(diversity_temperature or 0.0)
+        self.diversity_decay = float(diversity_decay)
+        self.round_of = round_of
+        self.seed = int(seed)
         self._handed: Dict[str, Dict[str, Hold]] = {}  # image -> {organ or WHOLE: hold}
         self._lock = threading.Lock()
 
@@ -68,7 +90,7 @@ class ImportanceStrategy(Strategy):
             pick = self._still_held(client, scored, unscored, datastore) if client else None
             if pick is None:
                 self._release(client)  # an identified annotator's finished work no longer holds anything
-                pick = self._pick(scored, unscored)
+                pick = self._pick(self._in_batch_order(scored, datastore) if self.diversity_temperature else scored, unscored)
             if pick is None:
                 return {}
             image_id, rec, organs = pick
@@ -138,6 +160,28 @@ class ImportanceStrategy(Strategy):
         held = self._handed.get(image_id, {})
         free = [o for o in rec.get("organs", []) if o not in held or (client and held[o].client == client)]
         return free[: self.organs_per_sample] if self.organs_per_sample else free
+
+    def _in_batch_order(self, scored: Ranked, datastore) -> Ranked:
+        """``scored`` in the order of this round's diverse batch over the whole scored pool (images held by
+        others included: they are part of the batch handed out)."""
+        pool, _ = ranked_pool(datastore)
+        if not pool:
+            return scored
+        r = int(self.round_of() if self.round_of else 0)
+        organs = sorted({o for _, rec in pool for o in rec.get("organ_scores", {})})
+        per = np.array(
+            [[0.0 if o in rec.get("revised", ()) else float(rec.get("organ_scores", {}).get(o, 0.0)) for o in organs]
+             for _, rec in pool]
+        ).reshape(len(pool), len(organs))
+        order = diverse_batch(
+            [float(rec["score"]) for _, rec in pool],
+            len(pool),
+            round_temperature(self.diversity_temperature, self.diversity_decay, r),
+            np.random.default_rng([self.seed, r]),
+            organ_scores=per if organs else None,
+        )
+        rank = {pool[i][0]: place for place, i in enumerate(order)}
+        return sorted(scored, key=lambda entry: rank.get(entry[0], len(rank)))
 
     def _pick(self, scored: Ranked, unscored: Ranked) -> Optional[Pick]:
         """The first scored image with work nobody holds, else the first unscored one."""
