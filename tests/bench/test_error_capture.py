@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.error_capture import capture, capture_table
+from bench.error_capture import capture, capture_table, targets
 
 
 def test_capture_counts_the_error_of_the_top_units():
@@ -28,6 +28,22 @@ def test_the_table_puts_the_oracle_first_and_random_at_its_share():
         assert table["oracle"][k] >= table["noisy"][k] > table["random"][k] > table["anti"][k]
     assert table["random"]["top10"] == 0.10 and table["oracle"]["spearman"] == pytest.approx(1.0)
     assert 0.5 < table["noisy"]["spearman"] < 1.0 and table["anti"]["spearman"] == pytest.approx(-1.0)
+
+
+def test_failed_units_are_counted_in_the_top_tenth_and_the_issue_22_targets_say_met_or_not():
+    # 20 units, 4 failed (Dice < 0.5): a ranking with 2 of them in its top 2 recalls half of them.
+    rows = [{"error_voxels": 10.0, "one_minus_dice": 0.1, "good": 0.0} for _ in range(20)]
+    for i in (0, 1, 2, 3):
+        rows[i]["one_minus_dice"] = 0.8
+    rows[0]["good"], rows[1]["good"] = 2.0, 1.0
+    table = {t["ranking"]: t for t in capture_table(rows, ["good", "random"])}
+    assert table["good"]["failed10"] == pytest.approx(0.5) and table["random"]["failed10"] == 0.10
+    made = [{"ranking": "calibrated", "top10": 0.40, "failed10": 0.25}, {"ranking": "predicted_voxels", "top10": 0.38},
+            {"ranking": "mean_entropy", "top10": 0.30}, {"ranking": "oracle", "top10": 0.42}]
+    verdicts = targets(made)
+    assert [v["met"] for v in verdicts] == [False, True, True]
+    # 1.2x the best naive ranking (predicted size) would exceed the oracle: the report says so.
+    assert "predicted_voxels" in verdicts[0]["target"] and "unreachable" in verdicts[0]["target"]
 
 
 def test_units_explain_where_the_error_lies_and_the_released_path_runs(tmp_path):
@@ -56,3 +72,5 @@ def test_units_explain_where_the_error_lies_and_the_released_path_runs(tmp_path)
         assert 0.0 <= float(r["one_minus_dice"]) <= 1.0
     report = (out / "capture.md").read_text()
     assert RELEASED_FILES["unet"] in report and "## Why" in report and "| site A |" in report
+    assert "| calibrated |" in report and "| mean_entropy |" in report and "failed units in top 10%" in report
+    assert report.count("MET**") == 3 and "## Organ named first" in report  # the issue-22 targets, MET or NOT MET
