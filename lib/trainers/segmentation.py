@@ -341,7 +341,9 @@ class SuPreMTrainer(BasicTrainTask):
         result = super().__call__(request, datastore)
         result = dict(result or {})
         check_stop(f"{self.backbone}: not published, the previous model stays")  # a stop cut training short
-        result["revised_images"], result["val_revised_images"] = self._revision_counts(self.pre_process(request, datastore))
+        labelled = self.pre_process(request, datastore)
+        result["revised_images"], result["val_revised_images"] = self._revision_counts(labelled)
+        result["validation_images"] = len(persistent_split(labelled, self.split_file, self.val_fraction)[1])
         published = self._publish(request, result, n_labels=len(datalist), seconds=time.time() - start)
         result["published"] = published
         return result
@@ -355,9 +357,12 @@ class SuPreMTrainer(BasicTrainTask):
 
         return count(datalist), count(val)
 
-    def _best_checkpoint(self, name: str) -> Optional[str]:
+    def _best_checkpoint(self, name: str, validated: bool) -> Optional[str]:
+        """The checkpoint to publish: the best on validation when there was a validation split; else the
+        last (without one, MONAI Label keeps the best *training-crop* Dice, which selects nothing)."""
         out = os.path.join(self.train_dir, name)
-        for f in (BEST_CHECKPOINT, FINAL_CHECKPOINT):
+        order = (BEST_CHECKPOINT, FINAL_CHECKPOINT) if validated else (FINAL_CHECKPOINT, BEST_CHECKPOINT)
+        for f in order:
             p = os.path.join(out, f)
             if os.path.exists(p):
                 return p
@@ -365,7 +370,7 @@ class SuPreMTrainer(BasicTrainTask):
 
     def _publish(self, request: Dict, result: Dict, n_labels: int, seconds: float) -> Optional[str]:
         name = {**self.config(), **request}.get("name", "train_01")
-        src = self._best_checkpoint(name)
+        src = self._best_checkpoint(name, validated=result.get("validation_images", 0) > 0)
         if src is None:
             raise RuntimeError(f"{self.backbone}: training produced no checkpoint; the previous model stays")
         state = torch.load(src, map_location="cpu", weights_only=True)

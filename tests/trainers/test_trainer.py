@@ -99,3 +99,20 @@ def test_split_keeps_every_image_on_its_side_when_new_labels_arrive(tmp_path):
     assert len(train2) + len(val2) == 40
     sides = json.load(open(split))["sides"]
     assert len(sides) == 40
+
+
+def test_without_a_validation_split_the_last_weights_are_published_not_the_best_training_crop(tmp_path, registry):
+    """MONAI Label keeps ``model.pt`` at the best *training* Dice when nothing is validated: a model chosen by
+    its fit to training crops. The trainer publishes the last weights then, and the best on validation
+    otherwise."""
+    from lib.trainers.segmentation import BEST_CHECKPOINT, FINAL_CHECKPOINT
+
+    trainer = _trainer(tmp_path, registry)
+    run = os.path.join(trainer.train_dir, "r1")
+    os.makedirs(run)
+    for name in (BEST_CHECKPOINT, FINAL_CHECKPOINT):
+        open(os.path.join(run, name), "w").close()
+    assert trainer._best_checkpoint("r1", validated=False) == os.path.join(run, FINAL_CHECKPOINT)
+    assert trainer._best_checkpoint("r1", validated=True) == os.path.join(run, BEST_CHECKPOINT)
+    os.remove(os.path.join(run, FINAL_CHECKPOINT))
+    assert trainer._best_checkpoint("r1", validated=False) == os.path.join(run, BEST_CHECKPOINT)
