@@ -1,19 +1,22 @@
 """Active-learning simulation (issues 5, 15): test Dice against annotation spent, per strategy.
 
-    .venv/bin/python -m bench.simulate --config small --jobs 2         # CPU, about 30 min on 2 cores
+    .venv/bin/python -m bench.simulate --config small --jobs 2         # CPU, 2 cores (bench/RESULTS.md)
     .venv/bin/python -m bench.simulate --config tiny --out /tmp/sim   # a smoke run of a few minutes
     .venv/bin/python -m bench.simulate --config gpu --device cuda     # the recipe's grid, for a GPU
 
-Per seed: phantom CTs (``lib/data``) in an unlabeled pool and a held-out test set, both of mixed sites
-(A-D: contrast phase, noise, spacing, field of view) with a minority of hard cases; a starting
-SegResNet trained with the project's trainer on a few volumes of one site (the "pre-trained backbone",
-trained once, cached under bench/out/starters by its settings, shared by all seeds: ``bench/starter.py``
-reports its test Dice). Per arm (strategy x revision mode), each round: the strategy picks volumes
-(``importance``: the app's score and strategy; ``random``; ``entropy``: mean entropy, MONAI Label's
-``Epistemic`` strategy), a simulated annotator revises them (the whole volume = ground truth; or
-organ-level = the listed organs, through the app's datastore, trained on those organs only), the
-backbone retrains from the previous round's model on all final labels, and the test Dice is measured
-through the app's infer task.
+Per seed: phantom CTs (``testing``/``lib/data`` phantoms) in an unlabelled pool (``balanced``: sites
+A-D in equal shares with hard cases; ``realistic``: mostly the starter's own site, a minority of other
+sites and hard cases) and a balanced held-out test set (sites A-D: contrast phase, noise, spacing, field
+of view; a share of hard cases); a starting SegResNet trained with the project's trainer on a few
+volumes of one site (the "pre-trained backbone"; ``starters`` distinct ones, seeds use them in turn,
+each trained once and cached under bench/out/starters by its settings). Per arm (strategy x revision
+mode), each round: the strategy picks volumes (``oracle``: the largest true error, the positive control;
+``random``; ``size``: predicted organ size; ``entropy``: mean entropy, MONAI Label's ``Epistemic``;
+``importance``: the app's score and strategy; ``all``: the whole pool at once, the upper bound), a
+simulated annotator revises them (the whole volume = ground truth; or organ-level = the listed organs,
+through the app's datastore, trained on those organs only), the backbone retrains from the previous
+round's model for a fixed number of steps per labelled volume (the starter's own phantoms labelled from
+the start with ``replay_starter``), and the test Dice is measured through the app's infer task.
 
 Writes to ``--out``: ``rounds.csv`` (every round, with each test volume's Dice per organ),
 ``dice_vs_annotation.png`` (bootstrap 95% bands), ``summary.md`` (the issue's targets, met or not),
@@ -83,7 +86,7 @@ def _report_only(out: str) -> int:
 
 def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str, keep_work: bool,
              start: float) -> List:
-    """Every arm of one seed (in this process, or a worker's); returns its rows."""
+    """Every arm of one seed from ``starter`` (in this process, or a worker's); returns its rows."""
     import torch
 
     from bench.simulation import loop
@@ -109,9 +112,9 @@ def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str,
     return rows
 
 
-def _run_seeds(cfg, work: str, starter: str, args, start: float):
+def _run_seeds(cfg, work: str, starters: Dict[int, str], args, start: float):
     """Yields each seed's rows as it finishes: in this process, or in ``--jobs`` worker processes."""
-    todo = [(cfg, seed, work, starter, args.threads, args.device, args.keep_work, start) for seed in cfg.seeds]
+    todo = [(cfg, seed, work, starters[seed], args.threads, args.device, args.keep_work, start) for seed in cfg.seeds]
     if args.jobs <= 1:
         for job in todo:
             yield run_seed(*job)
@@ -151,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _starter(args, cfg, work: str, log):
-    """(the starting model's path, a note on where it came from): ``--starter`` checked, or the cached one."""
+    """({seed: starting model's path}, a note on where they came from): ``--starter`` checked (every
+    seed starts from it), or the cached ones (``cfg.starters`` distinct)."""
     import torch
 
     from bench.simulation import loop
@@ -163,11 +167,14 @@ def _starter(args, cfg, work: str, log):
         starter = os.path.abspath(args.starter)
         validate_checkpoint("segresnet", starter)
         log(f"starter: given {starter}")
-        return starter, f"given: {starter}"
+        return {seed: starter for seed in cfg.seeds}, f"given: {starter}"
     torch.set_num_threads(max(1, args.threads * args.jobs))  # the seeds' processes have not started yet
-    starter = loop.cached_starter(cfg, work, log, cache=args.starter_cache or loop.STARTER_CACHE, fresh=args.fresh_starter)
+    starters = loop.cached_starters(cfg, work, log, cache=args.starter_cache or loop.STARTER_CACHE,
+                                    fresh=args.fresh_starter)
     torch.set_num_threads(max(1, args.threads))
-    return starter, f"{starter} (trained once with the settings it is keyed by; {time.time() - t:.0f} s here)"
+    names = sorted({os.path.basename(p) for p in starters.values()})
+    return starters, (f"{len(names)} distinct ({', '.join(names)}), seeds in turn; trained once with the settings "
+                      f"each is keyed by; {time.time() - t:.0f} s here")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -209,12 +216,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.as_dict(), f, indent=1)
 
-    starter, starter_note = _starter(args, cfg, work, log)
+    starters, starter_note = _starter(args, cfg, work, log)
 
     organs = loop.labels_of(cfg)
     csv_path = os.path.join(out, "rounds.csv")
     rows: List = []
-    for seed_rows in _run_seeds(cfg, work, starter, args, start):
+    for seed_rows in _run_seeds(cfg, work, starters, args, start):
         rows += seed_rows
         report.write_csv(rows, organs, csv_path)  # partial results survive an interruption
     rows.sort(key=lambda r: (r["seed"], cfg.arms.index((r["strategy"], r["revision"])), r["round"]))

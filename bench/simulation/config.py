@@ -1,4 +1,4 @@
-"""Presets of the active-learning simulation: ``tiny`` (the test), ``small`` (2 CPU cores, 30 min), ``gpu``."""
+"""Presets of the active-learning simulation: ``tiny`` (the test), ``small`` (2 CPU cores), ``gpu``, ``large``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
-# Strategy names -> (MONAI Label strategy, importance score entropy or None).
+# Strategy names -> (how the pool is scored and picked, importance score entropy or "").
 STRATEGIES: Dict[str, Tuple[str, str]] = {
     "importance": ("importance", "positive"),
     "importance-binary": ("importance", "binary"),
@@ -15,7 +15,17 @@ STRATEGIES: Dict[str, Tuple[str, str]] = {
     "first": ("first", ""),
     # Mean entropy of the model's probabilities over the volume, ranked by MONAI Label's Epistemic strategy.
     "entropy": ("entropy", ""),
+    # Predicted organ size (voxels of the organ masks): the best naive ranking in error capture.
+    "size": ("size", ""),
+    # The positive control: the largest true error of the current model (1 - its mean organ Dice against
+    # the ground truth). Uses the ground truth, which no real strategy has; only this arm reads it.
+    "oracle": ("oracle", ""),
+    # The upper bound: every pool volume revised at once, one round.
+    "all": ("all", ""),
 }
+# Strategies that name organs for organ-level revision (importance: its organ priority; oracle: true error).
+ORGAN_STRATEGIES = ("importance", "oracle")
+POOLS = ("balanced", "realistic")
 REVISIONS = ("volume", "organ")
 # The settings the starting model depends on (its cache key).
 STARTER_FIELDS = ("shape", "spacing_scale", "grid_mm", "roi", "num_samples", "lr", "n_starter", "starter_iters",
@@ -33,10 +43,20 @@ class SimConfig:
     learns where organs sit relative to a border that inference moves). Choose ``roi`` smaller than
     the working grid, so that training crops fall at random positions.
 
+    Pool: ``balanced`` (the sites in equal shares, ``hard_fraction`` hard cases, like the test set) or
+    ``realistic`` (a collection: ``1 - shifted_fraction`` of it the starter's own site without a hard case,
+    the rest other sites and hard cases). The test set is always balanced: the model must serve every site.
+
     Rounds: each of ``rounds`` rounds, a whole-volume arm revises ``volumes_per_round`` volumes; an
     organ-level arm revises the first ``organs_per_volume`` organs of ``organ_volumes_per_round``
-    volumes. Retraining runs about ``iters_per_round`` iterations (epochs = that / labels, at least 1),
-    starting from the previous round's model.
+    volumes. Each round retrains from the previous round's model for ``steps_per_label`` steps per
+    labelled volume (so training grows with the labels and is the same for every arm at equal labels)
+    and publishes the last weights. With ``replay_starter`` the labelled set starts with the starter's
+    own labelled phantoms (the usual active-learning protocol: initial labels + acquired ones), which
+    keeps a round on one new volume from forgetting what the starter knew.
+
+    Starters: ``starters`` distinct starting models (starter seeds ``starter_seed + i``); seed ``s``
+    starts from starter ``s % starters``, so starter variance enters the intervals.
     """
 
     name: str
@@ -59,8 +79,12 @@ class SimConfig:
     volumes_per_round: int
     organ_volumes_per_round: int
     organs_per_volume: int
-    iters_per_round: int
+    steps_per_label: int
     labels: str = "atlas25"
+    pool: str = "balanced"
+    shifted_fraction: float = 0.25  # realistic pool: the share not like the starter's own volumes
+    replay_starter: bool = False
+    starters: int = 1
     finetune_lr: Optional[float] = None  # learning rate of the rounds' retraining; None = lr
     pseudo_weight: float = 0.0  # loss weight of organs not revised in a label (the app's --conf pseudo_weight)
     sites: Tuple[str, ...] = ("A", "B", "C", "D")
@@ -73,38 +97,50 @@ class SimConfig:
                 raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
             if revision not in REVISIONS:
                 raise ValueError(f"unknown revision {revision!r}; choose from {', '.join(REVISIONS)}")
-            if revision == "organ" and STRATEGIES[strategy][0] != "importance":
-                raise ValueError("organ-level revision needs an organ priority: use an importance strategy")
+            if revision == "organ" and STRATEGIES[strategy][0] not in ORGAN_STRATEGIES:
+                raise ValueError("organ-level revision needs an organ priority: use importance or oracle")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; choose from {', '.join(POOLS)}")
         need = max(
-            self.volumes_per_round if r == "volume" else self.organ_volumes_per_round for _, r in self.arms
+            [self.volumes_per_round if r == "volume" else self.organ_volumes_per_round
+             for s, r in self.arms if s != "all"] or [0]
         ) * self.rounds
         if need > self.n_pool:
             raise ValueError(f"{need} volumes would be revised but the pool holds {self.n_pool}")
 
     def starter_key(self) -> str:
-        """What the starting model depends on (it is shared by every seed and arm)."""
+        """What a starting model depends on (``starter_seed`` included: each distinct starter its own)."""
         d = {k: getattr(self, k) for k in STARTER_FIELDS}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def starter_seed_of(self, seed: int) -> int:
+        """The starter seed ``seed`` starts from (``starters`` distinct ones, in turn)."""
+        return self.starter_seed + int(seed) % max(1, self.starters)
 
     def as_dict(self) -> Dict:
         return asdict(self)
 
 
-# Issue 15's arms: importance (whole volume and organ level), random, mean entropy alone.
+# Issue 21's arms: the positive control (oracle) and the upper bound (all), random, the strong naive
+# rankings (predicted size, mean entropy), the app's importance at whole-volume and organ level.
 BENCHMARK_ARMS = (
-    ("importance", "volume"),
+    ("oracle", "volume"),
     ("random", "volume"),
+    ("size", "volume"),
     ("entropy", "volume"),
+    ("importance", "volume"),
     ("importance", "organ"),
+    ("all", "volume"),
 )
 
 
 PRESETS: Dict[str, SimConfig] = {
-    # The test's: two rounds, importance against random (plus organ-level), one seed, tiny volumes.
+    # The test's: two rounds of every kind of arm, one seed, tiny volumes.
     "tiny": SimConfig(
         name="tiny",
         seeds=(0,),
-        arms=(("importance", "volume"), ("random", "volume"), ("importance", "organ"), ("entropy", "volume")),
+        arms=(("importance", "volume"), ("random", "volume"), ("importance", "organ"), ("entropy", "volume"),
+              ("oracle", "volume"), ("size", "volume"), ("all", "volume")),
         shape=(32, 32, 24),
         spacing_scale=3.0,
         grid_mm=(4.5, 4.5, 7.5),
@@ -119,16 +155,19 @@ PRESETS: Dict[str, SimConfig] = {
         n_pool=4,
         n_test=2,
         hard_fraction=0.25,
+        pool="realistic",
+        shifted_fraction=0.5,
+        replay_starter=True,
         rounds=2,
         volumes_per_round=1,
         organ_volumes_per_round=1,
         organs_per_volume=5,
-        iters_per_round=2,
+        steps_per_label=1,
     ),
-    # Issue 15's CPU benchmark (the 2-core VM, --jobs 2): a starter that segments (atlas9 on a 3 mm
-    # grid; a 32x24x32 window, smaller than the working grid so crops move: with 24x16x24 the starter
-    # reached test Dice 0.12-0.25, bench/RESULTS.md), five seeds, 10 test volumes, and a pool of 48 from
-    # which each round takes 2 volumes (a choice for the ranking: 6 of 48 revised in 3 rounds).
+    # The CPU benchmark (the 2-core VM, --jobs 2): a starter that segments (atlas9 on a 3 mm grid; a
+    # 32x24x32 window, smaller than the working grid so crops move), three distinct starters over five
+    # seeds, 30 test volumes, a realistic pool of 32 and one volume a round (bench/RESULTS.md, issue 21,
+    # says how the training per label and the rounds were chosen).
     "small": SimConfig(
         name="small",
         seeds=(0, 1, 2, 3, 4),
@@ -144,23 +183,60 @@ PRESETS: Dict[str, SimConfig] = {
         sw_batch_size=4,
         lr=3e-3,
         n_starter=8,
+        starter_iters=600,
+        starter_site="A",
+        starter_seed=9101,
+        starters=3,
+        labels="atlas9",
+        n_pool=32,
+        n_test=30,
+        hard_fraction=0.3,
+        pool="realistic",
+        shifted_fraction=0.25,
+        replay_starter=True,
+        rounds=6,
+        volumes_per_round=1,
+        organ_volumes_per_round=2,
+        organs_per_volume=3,
+        steps_per_label=6,
+        finetune_lr=1e-3,
+    ),
+    # For one GPU (aimed at 8 minutes on an H100/H200 with --jobs 5; not yet run): the small one's phantoms
+    # with more rounds, pool and training.
+    "gpu": SimConfig(
+        name="gpu",
+        seeds=(0, 1, 2, 3, 4),
+        arms=BENCHMARK_ARMS,
+        shape=(48, 48, 40),
+        spacing_scale=2.0,
+        grid_mm=(3.0, 3.0, 5.0),
+        roi=(32, 24, 32),
+        overlap=0.25,
+        num_samples=2,
+        sw_batch_size=8,
+        lr=3e-3,
+        n_starter=8,
         starter_iters=1000,
         starter_site="A",
         starter_seed=9101,
+        starters=5,
         labels="atlas9",
-        n_pool=48,
-        n_test=10,
+        n_pool=60,
+        n_test=40,
         hard_fraction=0.3,
-        rounds=3,
-        volumes_per_round=2,
-        organ_volumes_per_round=4,
+        pool="realistic",
+        shifted_fraction=0.25,
+        replay_starter=True,
+        rounds=10,
+        volumes_per_round=1,
+        organ_volumes_per_round=2,
         organs_per_volume=3,
-        iters_per_round=20,
+        steps_per_label=10,
         finetune_lr=1e-3,
     ),
-    # For a GPU: the recipe's grid and window, bigger pool, more rounds and seeds.
-    "gpu": SimConfig(
-        name="gpu",
+    # Larger (documented, hours on one GPU): the recipe's grid and window, all 25 organs.
+    "large": SimConfig(
+        name="large",
         seeds=(0, 1, 2, 3, 4),
         arms=BENCHMARK_ARMS,
         shape=(128, 128, 96),
@@ -173,14 +249,18 @@ PRESETS: Dict[str, SimConfig] = {
         n_starter=8,
         starter_iters=1500,
         starter_site="A",
-        n_pool=40,
-        n_test=10,
+        starters=5,
+        n_pool=60,
+        n_test=30,
         hard_fraction=0.3,
-        rounds=5,
-        volumes_per_round=3,
-        organ_volumes_per_round=6,
+        pool="realistic",
+        shifted_fraction=0.25,
+        replay_starter=True,
+        rounds=10,
+        volumes_per_round=1,
+        organ_volumes_per_round=2,
         organs_per_volume=5,
-        iters_per_round=200,
+        steps_per_label=20,
     ),
 }
 

@@ -51,14 +51,39 @@ def _plan(n: int, sites, hard_fraction: float, rng: np.random.Generator):
     return [plan[i] for i in order]
 
 
+def _realistic_plan(n: int, home: str, sites, shifted_fraction: float, rng: np.random.Generator):
+    """(site, hard case) for n studies of a collection: ``1 - shifted_fraction`` of them from the ``home``
+    site without a hard case (like the starter's own volumes), the rest other sites in turn, every
+    other one of them a hard case (hard cases of the home site among them), in a shuffled order."""
+    n_shifted = int(round(shifted_fraction * n))
+    others = [s for s in sites if s != home] or [home]
+    hard_order = list(HARD_CASES)
+    rng.shuffle(hard_order)
+    plan = [(home, None)] * (n - n_shifted)
+    for i in range(n_shifted):
+        hard = hard_order[(i // 2) % len(hard_order)] if i % 2 else None
+        site = home if (hard and i % 6 == 5) else others[i % len(others)]
+        plan.append((site, hard))
+    order = rng.permutation(n)
+    return [plan[i] for i in order]
+
+
 def make_studies(folder: str, gt_folder: str, role: str, n: int, seed: int, cfg, sites=None, hard_fraction=None,
-                 prefix: Optional[str] = None) -> List[Study]:
-    """Write ``n`` phantoms of ``role`` as ``folder/<prefix>_<i>.nii.gz``, ground truth in ``gt_folder``."""
+                 prefix: Optional[str] = None, realistic: bool = False) -> List[Study]:
+    """Write ``n`` phantoms of ``role`` as ``folder/<prefix>_<i>.nii.gz``, ground truth in ``gt_folder``.
+
+    realistic: the collection-like plan (``cfg.shifted_fraction`` away from the starter's first site),
+    else sites in equal shares with ``hard_fraction`` hard cases."""
     sites = list(sites or cfg.sites)
     hf = cfg.hard_fraction if hard_fraction is None else hard_fraction
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), ROLES[role], 10_000]))
+    if realistic:
+        home = cfg.starter_site.split(",")[0].strip()
+        plan = _realistic_plan(n, home, sites, cfg.shifted_fraction, rng)
+    else:
+        plan = _plan(n, sites, hf, rng)
     out = []
-    for i, (site, hard) in enumerate(_plan(n, sites, hf, rng)):
+    for i, (site, hard) in enumerate(plan):
         name = f"{prefix or role}_{i:03d}"
         ph = make_phantom(study_seed(seed, role, i), shape=cfg.shape, spacing_mm=site_spacing(site, cfg.spacing_scale),
                           site=site, hard=hard)

@@ -1,9 +1,11 @@
 """Rounds of one arm (a strategy and a revision mode) on one seed, with the project's own pieces:
 
-pick (MONAI Label strategies ``importance`` / ``random`` / ``first`` on a LocalDatastore, after the
-``importance`` scoring method ran), revise (the simulated annotator saves final labels), retrain
-(``SuPreMTrainer`` from the previous round's model, published through the ``WeightsRegistry``), test
-(the ``SuPreMSegmentation`` infer task on the held-out set, Dice per organ).
+pick (MONAI Label strategies on the app's datastore: ``importance`` after the app's scoring method ran;
+``random``, ``first``; MONAI Label's ``Epistemic`` top-1 on a stored number for mean entropy, predicted
+organ size and, as the positive control, the true error), revise (the simulated annotator saves final
+labels), retrain (``SuPreMTrainer`` from the previous round's model, a fixed number of steps per labelled
+volume, published through the ``WeightsRegistry``), test (the ``SuPreMSegmentation`` infer task on the
+held-out set, Dice per organ).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from .data import Study, make_studies
 from .uncertainty import ENTROPY_KEY, mean_binary_entropy
 
 BACKBONE = "segresnet"
+SIZE_KEY = "predicted_size"  # voxels of the predicted organ masks on the working grid
+ORACLE_KEY = "true_error"  # 1 - the current model's mean organ Dice against the ground truth
+ORACLE_ORGANS_KEY = "true_organ_error"  # organ -> 1 - Dice
 DEVICE = "cpu"  # bench/simulate.py --device sets it
 Log = Callable[[str], None]
 
@@ -94,10 +99,11 @@ class Model:
         _, data = self.infer({"image": path, "device": DEVICE, "skip_writer": "true", "logging": "WARNING"})
         return np.asarray(torch.as_tensor(data["pred"]).cpu().numpy(), np.uint8)
 
-    def train(self, datastore, name: str, iters: int, seed: int) -> Dict:
-        """Retrain on the datastore's final labels (about ``iters`` iterations), then publish."""
+    def train(self, datastore, name: str, steps_per_label: int, seed: int) -> Dict:
+        """Retrain on the datastore's final labels, ``steps_per_label`` steps (epochs) per labelled volume,
+        then publish the last weights."""
         n = len(datastore.datalist())
-        epochs = max(1, int(math.ceil(iters / max(n, 1))))
+        epochs = max(1, int(steps_per_label))
         set_determinism(seed=seed)
         try:
             res = self.trainer({"name": name, "max_epochs": epochs, "device": DEVICE, "source": f"simulation {name}"},
@@ -126,6 +132,24 @@ class Model:
             probs = self.scorer.probabilities(self.scorer.preprocess(datastore.get_image_uri(image_id)))
             datastore.update_image_info(image_id, {ENTROPY_KEY: mean_binary_entropy(probs)})
 
+    def score_size(self, datastore) -> None:
+        """Predicted organ size (voxels of the mean probability > 0.5, all organs) per unlabelled image."""
+        for image_id in datastore.get_unlabeled_images():
+            probs = self.scorer.probabilities(self.scorer.preprocess(datastore.get_image_uri(image_id)))
+            datastore.update_image_info(image_id, {SIZE_KEY: float((probs.float().mean(0) > 0.5).sum())})
+
+    def score_true_error(self, datastore, gt: Dict[str, str]) -> None:
+        """The positive control's score: per unlabelled image, 1 - the served model's Dice against the
+        ground truth (mean over organs, and per organ; an organ absent from both counts as no error)."""
+        import nibabel as nib
+
+        for image_id in datastore.get_unlabeled_images():
+            pred = self.predict(datastore.get_image_uri(image_id))
+            dice = organ_dice(pred, np.asarray(nib.load(gt[image_id]).dataobj), self.class_indices)
+            errors = {o: 0.0 if math.isnan(d) else 1.0 - float(d) for o, d in zip(self.labels, dice)}
+            datastore.update_image_info(image_id, {ORACLE_KEY: float(np.mean(list(errors.values()))),
+                                                   ORACLE_ORGANS_KEY: errors})
+
 
 @dataclass
 class SeedContext:
@@ -136,20 +160,29 @@ class SeedContext:
     pool: List[Study]
     test: List[Study]
     starter: str
+    replay: List[Study] = field(default_factory=list)  # labelled from the start (the starter's own phantoms)
     round0: Dict[str, float] = field(default_factory=dict)
     round0_s: float = 0.0
     scores0: Dict[str, Dict[str, Dict]] = field(default_factory=dict)  # score kind -> image id -> image info
 
 
 def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log) -> SeedContext:
+    """The seed's pool and test phantoms, the starter's own phantoms (replayed when ``replay_starter``),
+    and the starting model's test Dice."""
     folder = os.path.join(work, f"seed_{seed}")
     shutil.rmtree(folder, ignore_errors=True)
     t = time.time()
-    pool = make_studies(os.path.join(folder, "pool"), os.path.join(folder, "pool_gt"), "pool", cfg.n_pool, seed, cfg)
+    pool = make_studies(os.path.join(folder, "pool"), os.path.join(folder, "pool_gt"), "pool", cfg.n_pool, seed, cfg,
+                        realistic=cfg.pool == "realistic")
     test = make_studies(os.path.join(folder, "test"), os.path.join(folder, "test_gt"), "test", cfg.n_test, seed, cfg)
-    log(f"seed {seed}: {len(pool)} pool + {len(test)} test phantoms in {time.time() - t:.0f} s; "
-        f"pool {' '.join(s.tag() for s in pool)}")
-    ctx = SeedContext(seed, folder, pool, test, starter)
+    replay = []
+    if cfg.replay_starter:
+        replay = make_studies(os.path.join(folder, "replay"), os.path.join(folder, "replay_gt"), "starter",
+                              cfg.n_starter, cfg.starter_seed_of(seed), cfg, sites=starter_sites(cfg),
+                              hard_fraction=0.0, prefix="replay")
+    log(f"seed {seed}: {len(pool)} pool ({cfg.pool}) + {len(test)} test phantoms + {len(replay)} replayed in "
+        f"{time.time() - t:.0f} s; pool {' '.join(s.tag() for s in pool)}")
+    ctx = SeedContext(seed, folder, pool, test, starter, replay)
     t = time.time()
     m = Model(cfg, os.path.join(folder, "round0_model"), starter, os.path.join(folder, "round0_split.json"))
     ctx.round0 = m.test_dice(test)
@@ -170,7 +203,7 @@ def starter_of(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     studies_dir = os.path.join(folder, "studies")
     make_studies(studies_dir, os.path.join(studies_dir, "labels", "final"), "starter", cfg.n_starter,
-                 cfg.starter_seed, cfg, sites=starter_sites(cfg), hard_fraction=0.0)
+                 cfg.starter_seed, cfg, sites=starter_sites(cfg), hard_fraction=0.0, prefix="replay")
     ds = LocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     model_dir = os.path.join(folder, "model")
@@ -180,7 +213,8 @@ def starter_of(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
     train_starter(ds, registry, labels_of(cfg), recipe_of(cfg), folder, steps=cfg.starter_iters,
                   crops_per_step=cfg.num_samples, lr=cfg.lr, seed=cfg.starter_seed, publish_to=dest, device=DEVICE,
                   source="simulation starter")
-    log(f"starter: {cfg.n_starter} phantoms of site(s) {cfg.starter_site}, {cfg.starter_iters} steps, {time.time() - t:.0f} s")
+    log(f"starter {cfg.starter_seed}: {cfg.n_starter} phantoms of site(s) {cfg.starter_site}, {cfg.starter_iters} steps, "
+        f"{time.time() - t:.0f} s")
     shutil.rmtree(folder, ignore_errors=True)
     return dest
 
@@ -200,30 +234,71 @@ def cached_starter(cfg: SimConfig, work: str, log: Log, cache: str = STARTER_CAC
     return path
 
 
+def cached_starters(cfg: SimConfig, work: str, log: Log, cache: str = STARTER_CACHE, fresh: bool = False) -> Dict[int, str]:
+    """seed -> its starting model: ``cfg.starters`` distinct ones (starter seeds in turn), each cached."""
+    from dataclasses import replace
+
+    by_starter_seed: Dict[int, str] = {}
+    out = {}
+    for seed in cfg.seeds:
+        k = cfg.starter_seed_of(seed)
+        if k not in by_starter_seed:
+            by_starter_seed[k] = cached_starter(replace(cfg, starter_seed=k), work, log, cache, fresh)
+        out[seed] = by_starter_seed[k]
+    return out
+
+
+# Image-info keys a scored strategy reads (the oracle's per-organ errors ride along).
+SCORE_KEYS = {"importance": (INFO_KEY,), "entropy": (ENTROPY_KEY,), "size": (SIZE_KEY,),
+              "oracle": (ORACLE_KEY, ORACLE_ORGANS_KEY)}
+
+
 def _strategy(name: str):
     kind = STRATEGIES[name][0]
+    if kind in ("entropy", "size", "oracle"):  # MONAI Label's top-1 on a stored number
+        return Epistemic(k=1, key=SCORE_KEYS[kind][0])
     return {"importance": lambda: ImportanceStrategy(hold_s=0.0), "random": Random, "first": First,
-            "entropy": lambda: Epistemic(k=1, key=ENTROPY_KEY)}[kind]()
+            "all": First}[kind]()
 
 
 def _score_pool(kind: str, entropy: str, model: "Model", ds, ctx: "SeedContext", rnd: int) -> None:
-    """Score the unlabelled pool for the strategy (importance records, or mean entropy); the first
-    round's scores come from the starter, the same for every arm of the seed, so they are reused."""
-    if kind not in ("importance", "entropy"):
+    """Score the unlabelled pool for the strategy; the first round's scores come from the starter, the
+    same for every arm of the seed, so they are reused."""
+    if kind not in SCORE_KEYS:
         return
-    key = INFO_KEY if kind == "importance" else ENTROPY_KEY
+    keys = SCORE_KEYS[kind]
     cache_key = f"{kind}:{entropy}"
     cached = ctx.scores0.get(cache_key) if rnd == 1 else None
     if cached:
-        for image_id, value in cached.items():
-            ds.update_image_info(image_id, {key: value})
+        for image_id, info in cached.items():
+            ds.update_image_info(image_id, info)
         return
     if kind == "importance":
         model.scoring({}, ds)
-    else:
+    elif kind == "entropy":
         model.score_entropy(ds)
+    elif kind == "size":
+        model.score_size(ds)
+    else:
+        model.score_true_error(ds, {s.id: s.gt for s in ctx.pool})
     if rnd == 1:
-        ctx.scores0[cache_key] = {i: ds.get_image_info(i).get(key) for i in ds.get_unlabeled_images()}
+        ctx.scores0[cache_key] = {i: {k: ds.get_image_info(i).get(k) for k in keys} for i in ds.get_unlabeled_images()}
+
+
+def _organs_to_revise(kind: str, pick: Dict, ds, n: int) -> List[str]:
+    """The organs an organ-level revision fixes: the importance answer's list, or (oracle) the organs of
+    largest true error."""
+    if kind == "oracle":
+        errors = ds.get_image_info(pick["id"]).get(ORACLE_ORGANS_KEY) or {}
+        return [o for o, e in sorted(errors.items(), key=lambda kv: -kv[1]) if e > 0][:n]
+    return list(pick.get("organs") or [])[:n]
+
+
+def _label_replay(ds, replay: List[Study], annotator: SimulatedAnnotator) -> None:
+    """The labelled set the arm starts with: the starter's own phantoms (already in the datastore's
+    folder) saved with their full labels, as a whole-volume revision would."""
+    for s in replay:
+        annotator.revise(ds, s.id)
 
 
 def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log: Log) -> List[Dict]:
@@ -233,7 +308,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     shutil.rmtree(folder, ignore_errors=True)
     studies_dir = os.path.join(folder, "studies")
     os.makedirs(studies_dir)
-    for s in ctx.pool:
+    for s in ctx.pool + ctx.replay:
         shutil.copy2(s.image, os.path.join(studies_dir, os.path.basename(s.image)))
     # The app's datastore: an organ-level save names its revised organs, the label is merged and the
     # trainer learns only from revised organs (pseudo_weight 0).
@@ -242,8 +317,9 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     kind, entropy = STRATEGIES[strategy]
     model = Model(cfg, os.path.join(folder, "model"), ctx.starter, os.path.join(folder, "split.json"),
                   entropy=entropy or "positive", lr=cfg.finetune_lr or cfg.lr)
-    annotator = SimulatedAnnotator({s.id: s.gt for s in ctx.pool}, model.labels, model.predict,
+    annotator = SimulatedAnnotator({s.id: s.gt for s in ctx.pool + ctx.replay}, model.labels, model.predict,
                                    os.path.join(folder, "tmp"))
+    _label_replay(ds, ctx.replay, annotator)
     pick_strategy = _strategy(strategy)
     tags = {s.id: s.tag() for s in ctx.pool}
     base = {"seed": ctx.seed, "strategy": strategy, "revision": revision}
@@ -251,7 +327,10 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
                  labels_used=0, score_s=0.0, train_s=0.0, test_s=round(ctx.round0_s, 1))]
     volumes = organs = 0
     per_round = cfg.volumes_per_round if revision == "volume" else cfg.organ_volumes_per_round
-    for rnd in range(1, cfg.rounds + 1):
+    rounds = cfg.rounds
+    if kind == "all":  # the upper bound: the whole pool in one round
+        per_round, rounds = len(ctx.pool), 1
+    for rnd in range(1, rounds + 1):
         t = time.time()
         _score_pool(kind, entropy, model, ds, ctx, rnd)
         score_s = time.time() - t
@@ -264,13 +343,13 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
             image_id = res["id"]
             listed = None
             if revision == "organ":
-                listed = list(res.get("organs") or [])[: cfg.organs_per_volume]
+                listed = _organs_to_revise(kind, res, ds, cfg.organs_per_volume)
             n_org = annotator.revise(ds, image_id, listed)
             volumes += 1
             organs += n_org
             picked.append(tags[image_id] + (f"[{'|'.join(listed)}]" if listed is not None else ""))
         t = time.time()
-        info = model.train(ds, f"round_{rnd:03d}", cfg.iters_per_round, round_seed(ctx.seed, rnd))
+        info = model.train(ds, f"round_{rnd:03d}", cfg.steps_per_label, round_seed(ctx.seed, rnd))
         train_s = time.time() - t
         t = time.time()
         dice = model.test_dice(ctx.test)

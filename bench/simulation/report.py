@@ -22,6 +22,10 @@ REF = ("importance", "volume")
 RANDOM = ("random", "volume")
 ORGAN = ("importance", "organ")
 ENTROPY = ("entropy", "volume")
+ORACLE = ("oracle", "volume")
+ALL = ("all", "volume")
+# Whole-volume arms compared with random, in this order (the oracle first: the positive control).
+VOLUME_ARMS = (ORACLE, ("size", "volume"), ENTROPY, REF, ("importance-binary", "volume"), ("first", "volume"))
 
 
 def columns(organs: Sequence[str]) -> List[str]:
@@ -132,19 +136,87 @@ def _arm_against(c, arm, reference, col: int) -> Optional[Dict]:
 
 
 def target_comparison(rows: List[Dict]) -> Dict:
-    """The issue's targets. ``volumes``: importance (whole volume) against random's final Dice, in
-    revised volumes; met when the saving is at least 40% in at least 4 of 5 seeds. ``organs``:
-    organ-level importance against the whole-volume importance arm's final Dice, in revised organs; met
-    when the mean curves show at least 40% saving. ``entropy``: mean entropy against random (no target)."""
+    """The issues' targets. ``control``: the oracle against random's final Dice, in revised volumes; the
+    setup can tell a saving only when it is at least 40% in at least 4 of 5 seeds. ``volumes``: importance
+    (whole volume) against random, the same rule. ``organs``: organ-level importance against the
+    whole-volume importance arm's final Dice, in revised organs; met when the mean curves show at least
+    40% saving. ``entropy``: mean entropy against random (no target). ``strategies``: every whole-volume
+    arm against random. ``rises``: random's mean curve never below the starting model's Dice."""
     c = curves(rows)
-    volumes = _arm_against(c, REF, RANDOM, 0)
-    if volumes is not None:
-        n = len(volumes["per_seed"])
-        volumes["met"] = not volumes["degenerate"] and n > 0 and volumes["seeds_met"] >= math.ceil(SEED_SHARE * n)
+    out: Dict = {"strategies": {}}
+    for arm in VOLUME_ARMS:
+        t = _arm_against(c, arm, RANDOM, 0)
+        if t is not None:
+            n = len(t["per_seed"])
+            t["met"] = not t["degenerate"] and n > 0 and t["seeds_met"] >= math.ceil(SEED_SHARE * n)
+            out["strategies"][arm] = t
+    out["control"] = out["strategies"].get(ORACLE)
+    out["volumes"] = out["strategies"].get(REF)
+    out["entropy"] = out["strategies"].get(ENTROPY)
     organs = _arm_against(c, ORGAN, REF, 1)
     if organs is not None:
         organs["met"] = organs["saving"] is not None and organs["saving"] >= SAVING_TARGET
-    return {"volumes": volumes, "organs": organs, "entropy": _arm_against(c, ENTROPY, RANDOM, 0)}
+    out["organs"] = organs
+    if RANDOM in c:
+        m = mean_curve(c[RANDOM])[:, 2]
+        out["rises"] = {"curve": [float(v) for v in m], "met": bool(len(m) > 1 and (m[1:] >= m[0]).all())}
+    return out
+
+
+# --- paired statistics against a reference arm --------------------------------------------------------
+def seed_tables(rows: Iterable[Dict]) -> Dict[Tuple[str, str], Dict[int, List]]:
+    """(strategy, revision) -> seed -> [(volumes, organs, per-volume Dice table)] by round."""
+    out: Dict = defaultdict(lambda: defaultdict(list))
+    for r in sorted(rows, key=lambda r: (int(r["seed"]), int(r["round"]))):
+        out[(r["strategy"], r["revision"])][int(r["seed"])].append(
+            (float(r["volumes_revised"]), float(r["organs_revised"]), volume_table(r)))
+    return out
+
+
+NOT_REACHED = -1.0  # the saving recorded when an arm never reaches the reference's final Dice (<= -100%)
+
+
+def _saving_on(x_arm, y_arm, x_ref, y_ref) -> float:
+    need = annotation_to_reach(x_arm, y_arm, y_ref[-1])
+    if not x_ref[-1]:
+        return float("nan")
+    return NOT_REACHED if need is None else 1.0 - need / x_ref[-1]
+
+
+def paired_bootstrap(rows: List[Dict], arm, reference, col: int = 0, n: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> Optional[Dict]:
+    """Saving of ``arm`` against ``reference`` (annotation in column ``col``: 0 volumes, 1 organs, needed
+    to reach the reference's final Dice on the mean curves) and the final Dice difference (arm minus
+    reference), each with a paired bootstrap interval: resample seeds and, within a seed, its test
+    volumes, the same draw for both arms (they are tested on the same volumes). None without the
+    per-volume tables. An arm that never reaches counts as NOT_REACHED."""
+    t = seed_tables(rows)
+    if arm not in t or reference not in t:
+        return None
+    seeds = sorted(set(t[arm]) & set(t[reference]))
+    pairs = [(t[arm][s], t[reference][s]) for s in seeds]
+    if not pairs or any(tab is None for a, r in pairs for *_, tab in a + r):
+        return None
+    rng = np.random.default_rng(seed)
+
+    def stats(draw_seeds, draws):
+        arm_y = np.mean([[_mean_dice(tab[v]) for *_, tab in pairs[i][0]] for i, v in zip(draw_seeds, draws)], 0)
+        ref_y = np.mean([[_mean_dice(tab[v]) for *_, tab in pairs[i][1]] for i, v in zip(draw_seeds, draws)], 0)
+        x_arm = [p[col] for p in pairs[0][0]]
+        x_ref = [p[col] for p in pairs[0][1]]
+        return _saving_on(x_arm, arm_y, x_ref, ref_y), float(arm_y[-1] - ref_y[-1])
+
+    k = len(pairs)
+    n_test = [len(pairs[i][0][0][2]) for i in range(k)]
+    point = stats(range(k), [np.arange(n_test[i]) for i in range(k)])
+    boot = np.empty((n, 2))
+    for b in range(n):
+        idx = rng.integers(0, k, size=k)
+        boot[b] = stats(idx, [rng.integers(0, n_test[i], size=n_test[i]) for i in idx])
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    (s_lo, d_lo), (s_hi, d_hi) = np.nanpercentile(boot, q, axis=0)
+    return {"saving": point[0], "saving_ci": (float(s_lo), float(s_hi)),
+            "delta_final": point[1], "delta_ci": (float(d_lo), float(d_hi)), "seeds": seeds}
 
 
 # --- bootstrap intervals ------------------------------------------------------------------------------
@@ -270,8 +342,59 @@ def _per_seed(t: Dict, unit: str) -> str:
     return f"  - per seed ({unit} needed of the reference's, saving; n/a = not reached or nothing learnt): " + ", ".join(cells)
 
 
-def _target_lines(t: Dict) -> List[str]:
+def _arm_label(arm) -> str:
+    return f"{arm[0]} / {arm[1]}"
+
+
+def _ci(v: Optional[Tuple[float, float]], pct: bool = False) -> str:
+    if v is None:
+        return ""
+    return f" [{_pct(v[0])}, {_pct(v[1])}]" if pct else f" [{v[0]:+.3f}, {v[1]:+.3f}]"
+
+
+def _control_lines(t: Dict, paired: Dict) -> List[str]:
     out = []
+    ctl = t.get("control")
+    if ctl:
+        p = paired.get(ORACLE) or {}
+        out.append(f"- Positive control ({_verdict(ctl)}; the setup can tell a saving when the oracle reaches random's "
+                   f"final Dice with >= 40% fewer volumes in >= 4 of 5 seeds): oracle needs {_n(ctl['needed'])} of "
+                   f"{ctl['reference_spent']:.0f} volumes on the mean curve -> saving {_pct(ctl['saving'])}"
+                   f"{_ci(p.get('saving_ci'), True)}; >= 40% in {ctl['seeds_met']} of {len(ctl['per_seed'])} seeds.")
+        out.append(_per_seed(ctl, "volumes"))
+        if not ctl["met"]:
+            out.append("- **The setup cannot tell a saving** (the oracle does not pass): the strategy comparisons "
+                       "below are not results.")
+    else:
+        out.append("- Positive control: **not run** (no oracle arm): nothing shows this setup can tell a saving.")
+    rises = t.get("rises")
+    if rises:
+        out.append(f"- Random's curve rises with labels ({'**met**' if rises['met'] else '**not met**'}; no round "
+                   f"below the starting model on the mean curve): " + " -> ".join(f"{v:.3f}" for v in rises["curve"]))
+    return out
+
+
+def _strategy_table(t: Dict, paired: Dict) -> List[str]:
+    """One row per whole-volume arm: its saving against random with the paired interval, and the final
+    Dice difference."""
+    if not t.get("strategies"):
+        return []
+    out = ["", "| arm against random | volumes needed | saving (mean curves) [paired 95%] | seeds >= 40% | "
+           "final Dice minus random's [paired 95%] | >= 40% in >= 4 of 5 seeds |", "|---|---|---|---|---|---|"]
+    for arm, a in t["strategies"].items():
+        p = paired.get(arm) or {}
+        delta = p.get("delta_final")
+        out.append(f"| {_arm_label(arm)} | {_n(a['needed'])} of {a['reference_spent']:.0f} | {_pct(a['saving'])}"
+                   f"{_ci(p.get('saving_ci'), True)} | {a['seeds_met']} of {len(a['per_seed'])} | "
+                   f"{'n/a' if delta is None else f'{delta:+.3f}'}{_ci(p.get('delta_ci'))} | "
+                   f"{'MET' if a['met'] else 'NOT MET'} |")
+    out.append(f"\nA saving of {_pct(NOT_REACHED)} in an interval stands for 'never reaches random's final Dice'.")
+    return out
+
+
+def _target_lines(t: Dict, paired: Optional[Dict] = None) -> List[str]:
+    paired = paired or {}
+    out = _control_lines(t, paired)
     v, o, e = t.get("volumes"), t.get("organs"), t.get("entropy")
     if v:
         if v["degenerate"]:
@@ -283,14 +406,23 @@ def _target_lines(t: Dict) -> List[str]:
                    f"{v['seeds_met']} of {len(v['per_seed'])} seeds.")
         out.append(_per_seed(v, "volumes"))
     if o:
+        p = paired.get(ORGAN) or {}
         out.append(f"- Organs ({_verdict(o)}; target: >= 40% fewer): whole-volume importance reaches "
                    f"{o['target_dice']:.3f} with {o['reference_spent']:.0f} revised organs; organ-level importance "
-                   f"needs {_n(o['needed'])} on the mean curve -> saving {_pct(o['saving'])}.")
+                   f"needs {_n(o['needed'])} on the mean curve -> saving {_pct(o['saving'])}{_ci(p.get('saving_ci'), True)}.")
         out.append(_per_seed(o, "organs"))
     if e:
         out.append(f"- Mean entropy (no target): needs {_n(e['needed'])} volumes to reach random's final Dice "
                    f"-> saving {_pct(e['saving'])}; >= 40% in {e['seeds_met']} of {len(e['per_seed'])} seeds.")
-    return out or ["- (the arms needed for the target comparison were not run)"]
+    return (out or ["- (the arms needed for the target comparison were not run)"]) + _strategy_table(t, paired)
+
+
+def paired_comparisons(rows: List[Dict], n: int = 1000) -> Dict:
+    """Paired bootstrap of every whole-volume arm against random (volumes), and of organ-level importance
+    against whole-volume importance (organs)."""
+    out = {arm: paired_bootstrap(rows, arm, RANDOM, 0, n) for arm in VOLUME_ARMS}
+    out[ORGAN] = paired_bootstrap(rows, ORGAN, REF, 1, n)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def summary_markdown(rows: List[Dict], meta: Dict) -> str:
@@ -303,6 +435,6 @@ def summary_markdown(rows: List[Dict], meta: Dict) -> str:
     out += ["## Targets", "",
             "Annotation needed to reach a Dice = where the curve (Dice against cumulative annotation, rounds joined "
             "by straight lines) first reaches it.", ""]
-    out += _target_lines(target_comparison(rows))
+    out += _target_lines(target_comparison(rows), paired_comparisons(rows))
     out.append("")
     return "\n".join(out)

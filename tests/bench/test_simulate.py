@@ -37,9 +37,9 @@ def tiny_run(tmp_path_factory):
     return out
 
 
-def test_tiny_config_is_two_rounds_of_two_strategies_on_one_seed():
+def test_tiny_config_is_two_rounds_of_every_kind_of_arm_on_one_seed():
     assert TINY.rounds == 2 and len(TINY.seeds) == 1
-    assert {s for s, _ in TINY.arms} == {"importance", "random", "entropy"}
+    assert {s for s, _ in TINY.arms} == {"importance", "random", "entropy", "oracle", "size", "all"}
 
 
 def test_csv_has_one_consistent_row_per_seed_strategy_and_round(tiny_run):
@@ -51,13 +51,17 @@ def test_csv_has_one_consistent_row_per_seed_strategy_and_round(tiny_run):
     assert all(len(r) == len(header) for r in raw)
     rows = [dict(zip(header, r)) for r in raw]
     keys = [(r["seed"], r["strategy"], r["revision"], int(r["round"])) for r in rows]
-    assert len(keys) == len(set(keys)) == len(TINY.seeds) * len(TINY.arms) * (TINY.rounds + 1)
+    # The upper bound ("all") is one round that revises the whole pool; every other arm has every round.
+    assert len(keys) == len(set(keys)) == len(TINY.seeds) * ((len(TINY.arms) - 1) * (TINY.rounds + 1) + 2)
     by_arm = defaultdict(list)
     for r in rows:
         by_arm[(r["seed"], r["strategy"], r["revision"])].append(r)
     assert set(k[1:] for k in by_arm) == set(TINY.arms)
     for (_, strategy, revision), arm_rows in by_arm.items():
         arm_rows.sort(key=lambda r: int(r["round"]))
+        if strategy == "all":
+            assert [int(r["volumes_revised"]) for r in arm_rows] == [0, TINY.n_pool]
+            continue
         assert [int(r["round"]) for r in arm_rows] == list(range(TINY.rounds + 1))
         vols = [int(r["volumes_revised"]) for r in arm_rows]
         orgs = [int(r["organs_revised"]) for r in arm_rows]
@@ -97,6 +101,7 @@ def test_png_is_a_valid_image_and_summary_states_the_target(tiny_run):
     summary = (tiny_run / "summary.md").read_text()
     assert "## Targets" in summary and "random" in summary and "- Volumes (" in summary and "- Organs (" in summary
     assert "Mean entropy" in summary and "bootstrap 95% interval" in summary
+    assert "- Positive control (" in summary and "| oracle / volume |" in summary and "paired 95%" in summary
     assert not (tiny_run / "work").exists(), "scratch phantoms and models are removed"
 
 
@@ -219,3 +224,63 @@ def test_presets_are_valid_and_organ_level_needs_a_priority():
         get_config("tiny", arms=(("random", "organ"),))
     with pytest.raises(ValueError):
         get_config("tiny", n_pool=1)
+
+
+def _table_rows(arms, seeds=(0, 1, 2), rounds=4, n_test=12, noise=0.05):
+    """Rows with per-volume Dice tables: arms = {(strategy, revision): slope per round}; each seed's test
+    volumes share one offset per volume (the same for every arm: arms are tested on the same volumes)."""
+    rows = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        offset = rng.normal(0, noise, size=(n_test, 1))
+        for (strategy, revision), slope in arms.items():
+            for rnd in range(rounds):
+                table = np.clip(0.3 + slope * rnd + offset + np.zeros((n_test, 3)), 0, 1)
+                dice = {"mean": report._mean_dice(table), "volumes": table.tolist()}
+                rows.append({"seed": seed, "strategy": strategy, "revision": revision, "round": rnd,
+                             "volumes_revised": rnd, "organs_revised": 3 * rnd, "dice": dice})
+    return rows
+
+
+def test_paired_bootstrap_sees_a_clear_saving_and_no_difference_between_identical_arms():
+    rows = _table_rows({("random", "volume"): 0.05, ("oracle", "volume"): 0.1, ("size", "volume"): 0.05})
+    p = report.paired_bootstrap(rows, ("oracle", "volume"), ("random", "volume"), n=300)
+    # random ends at 0.45 after 3 volumes; the oracle reaches it at 1.5: a 50% saving.
+    assert p["saving"] == pytest.approx(0.5, abs=1e-6)
+    assert 0 < p["saving_ci"][0] <= 0.5 <= p["saving_ci"][1]
+    assert p["delta_final"] == pytest.approx(0.15, abs=1e-6) and p["delta_ci"][0] > 0
+    # Paired: the volumes' offsets cancel, so identical curves differ by exactly 0 in every resample
+    # (unpaired resampling would give an interval around 0 as wide as the offsets' spread).
+    same = report.paired_bootstrap(rows, ("size", "volume"), ("random", "volume"), n=300)
+    assert same["delta_ci"] == pytest.approx((0.0, 0.0), abs=1e-9)
+    worse = report.paired_bootstrap(_table_rows({("random", "volume"): 0.05, ("size", "volume"): 0.01}),
+                                    ("size", "volume"), ("random", "volume"), n=100)
+    assert worse["saving"] == report.NOT_REACHED and worse["saving_ci"][1] == report.NOT_REACHED
+
+
+def test_positive_control_decides_whether_the_strategy_comparison_counts():
+    arms = {("random", "volume"): (1, 3, 0.05), ("importance", "volume"): (1, 3, 0.1)}
+    no_control = report.target_comparison(_rows(arms, seeds=range(5)))
+    assert no_control["control"] is None
+    rows = _rows({**arms, ("oracle", "volume"): (1, 3, 0.05)}, seeds=range(5))
+    t = report.target_comparison(rows)
+    assert not t["control"]["met"] and t["volumes"]["met"]
+    summary = report.summary_markdown(rows, {"config": "test"})
+    assert "Positive control (**not met**" in summary and "cannot tell a saving" in summary
+    rows = _rows({**arms, ("oracle", "volume"): (1, 3, 0.1)}, seeds=range(5))
+    t = report.target_comparison(rows)
+    assert t["control"]["met"] and t["control"]["saving"] == pytest.approx(0.5)
+    assert "Positive control (**met**" in report.summary_markdown(rows, {"config": "test"})
+    assert t["rises"]["met"]
+    dips = _rows({("random", "volume"): (1, 3, lambda seed, rnd: [0.5, 0.45, 0.55, 0.6][rnd])})
+    assert not report.target_comparison(dips)["rises"]["met"]
+
+
+def test_a_realistic_pool_is_mostly_the_starters_own_site_without_hard_cases():
+    from bench.simulation.data import _realistic_plan
+
+    plan = _realistic_plan(32, "A", ["A", "B", "C", "D"], 0.25, np.random.default_rng(0))
+    home = [p for p in plan if p == ("A", None)]
+    assert len(plan) == 32 and len(home) == 24
+    shifted = [p for p in plan if p != ("A", None)]
+    assert {s for s, _ in shifted} >= {"B", "C", "D"} and any(h for _, h in shifted)
