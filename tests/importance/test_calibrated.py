@@ -153,6 +153,11 @@ def test_one_conf_key_chooses_the_mode_for_the_server_and_the_offline_ranking():
     cfg = parse_conf({"importance_mode": "calibrated", "band_mm": "4.5", "opening_mm": "7.5", "models": "segresnet"})
     scorer = volume_scorer(cfg, FixedWeights({}))
     assert (scorer.mode, scorer.band_mm, scorer.opening_mm) == ("calibrated", 4.5, 7.5)
+    # The offline ranking's command line goes through the same parse.
+    from lib.importance.rank import parser, ranking_config
+
+    args = parser().parse_args(["studies", "--conf", "importance_mode", "calibrated", "--conf", "opening_mm", "7.5"])
+    assert (ranking_config(args).importance_mode, ranking_config(args).opening_mm) == ("calibrated", 7.5)
     with pytest.raises(ConfError, match="importance_mode"):
         parse_conf({"importance_mode": "best"})
     with pytest.raises(ConfError, match="band_mm"):
