@@ -16,7 +16,8 @@ from lib.datastore import labeled_images_now, revision_progress
 from lib.infers.attention import AttentionInfer
 from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
-from lib.rounds.manager import RoundManager
+from lib.rounds.log import DONE, RoundLog
+from lib.rounds.manager import LOG_FILE, RoundManager
 from lib.trainers.round import RoundTrainTask, run_round
 from lib.trainers.segmentation import SuPreMTrainer
 from lib.importance.configured import scoring_engine, volume_scorer, weights_registry
@@ -247,7 +248,13 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
     if on.strategy:
         tasks.strategies.update(
             {
-                "importance": ImportanceStrategy(hold_s=cfg.hold_s, organs_per_sample=cfg.organs_per_sample),
+                "importance": ImportanceStrategy(
+                    hold_s=cfg.hold_s,
+                    organs_per_sample=cfg.organs_per_sample,
+                    diversity_temperature=cfg.diversity_temperature,
+                    diversity_decay=cfg.diversity_decay,
+                    round_of=rounds_done(state_dir),
+                ),
                 "random": Random(),
                 "first": First(),
             }
@@ -255,6 +262,19 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
     for b in cfg.models:
         logger.info(f"Model {b}: {registry.info(b)}")
     return tasks
+
+
+def rounds_done(state_dir: str) -> Callable[[], int]:
+    """How many rounds of this state folder ended done (read from the round log at each call): the round
+    index of the diverse batch's temperature schedule."""
+    path = os.path.join(state_dir, "rounds", LOG_FILE)
+
+    def count() -> int:
+        if not os.path.exists(path):
+            return 0
+        return sum(1 for e in RoundLog(path).entries() if e.get("status") == DONE)
+
+    return count
 
 
 def checked_local_datastore(studies: str, allowed_labels) -> "CheckedLocalDatastore":
