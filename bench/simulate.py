@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.simulate --config tiny --out /tmp/sim   # a smoke run of a few minutes
     .venv/bin/python -m bench.simulate --config gpu --device cuda     # the recipe's grid, for a GPU
 
-Per seed: phantom CTs (``testing``/``lib/data`` phantoms) in an unlabelled pool (``balanced``: sites
+Per seed: phantom CTs (``testing/phantoms.py``) in an unlabelled pool (``balanced``: sites
 A-D in equal shares with hard cases; ``realistic``: mostly the starter's own site, a minority of other
 sites and hard cases) and a balanced held-out test set (sites A-D: contrast phase, noise, spacing, field
 of view; a share of hard cases); a starting SegResNet trained with the project's trainer on a few
@@ -85,8 +85,9 @@ def _report_only(out: str) -> int:
 
 
 def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str, keep_work: bool,
-             start: float) -> List:
-    """Every arm of one seed from ``starter`` (in this process, or a worker's); returns its rows."""
+             start: float, arms=None) -> List:
+    """The arms of one seed (default all of ``cfg.arms``) from ``starter``, in this process or a worker's;
+    returns their rows. The seed's phantoms and round-0 Dice are made again in each call (deterministic)."""
     import torch
 
     from bench.simulation import loop
@@ -98,12 +99,14 @@ def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str,
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
 
+    arms = list(arms or cfg.arms)
+    tag = "" if arms == list(cfg.arms) else "_" + "_".join(f"{s}-{r}" for s, r in arms)
     try:
-        ctx = loop.prepare_seed(cfg, seed, work, starter, log)
+        ctx = loop.prepare_seed(cfg, seed, work, starter, log, tag=tag)
         rows: List = []
-        for strategy, revision in cfg.arms:
+        for strategy, revision in arms:
             rows += loop.run_arm(cfg, ctx, strategy, revision, log)
-    except Exception as e:  # a worker's exception may not survive pickling (fastapi's HTTPException does not)
+    except Exception:  # a worker's exception may not survive pickling (fastapi's HTTPException does not)
         import traceback
 
         raise RuntimeError(f"seed {seed} failed:\n{traceback.format_exc()}") from None
@@ -113,15 +116,17 @@ def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str,
 
 
 def _run_seeds(cfg, work: str, starters: Dict[int, str], args, start: float):
-    """Yields each seed's rows as it finishes: in this process, or in ``--jobs`` worker processes."""
-    todo = [(cfg, seed, work, starters[seed], args.threads, args.device, args.keep_work, start) for seed in cfg.seeds]
+    """Yields rows as they finish: each seed's arms in this process, or each (seed, arm) in one of
+    ``--jobs`` worker processes (so the workers stay busy to the end)."""
+    common = (args.threads, args.device, args.keep_work, start)
     if args.jobs <= 1:
-        for job in todo:
-            yield run_seed(*job)
+        for seed in cfg.seeds:
+            yield run_seed(cfg, seed, work, starters[seed], *common)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    todo = [(cfg, seed, work, starters[seed], *common, [arm]) for seed in cfg.seeds for arm in cfg.arms]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
         for future in as_completed([pool.submit(run_seed, *job) for job in todo]):
             yield future.result()

@@ -44,7 +44,8 @@ from lib.weights import WeightsRegistry
 from .annotator import SimulatedAnnotator
 from .config import STRATEGIES, SimConfig, arm_name
 from .data import Study, make_studies
-from .uncertainty import ENTROPY_KEY, mean_binary_entropy
+from lib.importance.epistemic import EPISTEMIC_KEY as ENTROPY_KEY
+from lib.importance.epistemic import mean_binary_entropy
 
 BACKBONE = "segresnet"
 SIZE_KEY = "predicted_size"  # voxels of the predicted organ masks on the working grid
@@ -71,7 +72,7 @@ class Model:
     """One backbone's weights in ``model_dir`` (starting from ``starter``), its infer task and trainer."""
 
     def __init__(self, cfg: SimConfig, model_dir: str, starter: Optional[str], split_file: str,
-                 publish_to: Optional[str] = None, entropy: str = "positive", lr: Optional[float] = None):
+                 publish_to: Optional[str] = None, scoring: Optional[Dict] = None, lr: Optional[float] = None):
         self.cfg = cfg
         os.makedirs(model_dir, exist_ok=True)
         self.model_dir = model_dir
@@ -91,7 +92,7 @@ class Model:
             publish_to=publish_to, amp="none", pseudo_weight=cfg.pseudo_weight,
         )
         self.scorer = VolumeScorer([BACKBONE], self.registry, self.labels, self.recipe, self.cache, device=DEVICE,
-                                   entropy=entropy)
+                                   **(scoring or {}))
         self.scoring = ImportanceScoring(self.scorer)
 
     def predict(self, path: str) -> np.ndarray:
@@ -166,10 +167,10 @@ class SeedContext:
     scores0: Dict[str, Dict[str, Dict]] = field(default_factory=dict)  # score kind -> image id -> image info
 
 
-def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log) -> SeedContext:
+def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log, tag: str = "") -> SeedContext:
     """The seed's pool and test phantoms, the starter's own phantoms (replayed when ``replay_starter``),
-    and the starting model's test Dice."""
-    folder = os.path.join(work, f"seed_{seed}")
+    and the starting model's test Dice, in ``work/seed_<seed><tag>``."""
+    folder = os.path.join(work, f"seed_{seed}{tag}")
     shutil.rmtree(folder, ignore_errors=True)
     t = time.time()
     pool = make_studies(os.path.join(folder, "pool"), os.path.join(folder, "pool_gt"), "pool", cfg.n_pool, seed, cfg,
@@ -261,13 +262,13 @@ def _strategy(name: str):
             "all": First}[kind]()
 
 
-def _score_pool(kind: str, entropy: str, model: "Model", ds, ctx: "SeedContext", rnd: int) -> None:
+def _score_pool(kind: str, options: Dict, model: "Model", ds, ctx: "SeedContext", rnd: int) -> None:
     """Score the unlabelled pool for the strategy; the first round's scores come from the starter, the
     same for every arm of the seed, so they are reused."""
     if kind not in SCORE_KEYS:
         return
     keys = SCORE_KEYS[kind]
-    cache_key = f"{kind}:{entropy}"
+    cache_key = f"{kind}:{sorted(options.items())}"
     cached = ctx.scores0.get(cache_key) if rnd == 1 else None
     if cached:
         for image_id, info in cached.items():
@@ -314,9 +315,9 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     # trainer learns only from revised organs (pseudo_weight 0).
     ds = CheckedLocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False,
                                allowed_labels=[CLASS_INDEX[o] for o in labels_of(cfg)])
-    kind, entropy = STRATEGIES[strategy]
+    kind, options = STRATEGIES[strategy]
     model = Model(cfg, os.path.join(folder, "model"), ctx.starter, os.path.join(folder, "split.json"),
-                  entropy=entropy or "positive", lr=cfg.finetune_lr or cfg.lr)
+                  scoring=options, lr=cfg.finetune_lr or cfg.lr)
     annotator = SimulatedAnnotator({s.id: s.gt for s in ctx.pool + ctx.replay}, model.labels, model.predict,
                                    os.path.join(folder, "tmp"))
     _label_replay(ds, ctx.replay, annotator)
@@ -332,7 +333,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
         per_round, rounds = len(ctx.pool), 1
     for rnd in range(1, rounds + 1):
         t = time.time()
-        _score_pool(kind, entropy, model, ds, ctx, rnd)
+        _score_pool(kind, options, model, ds, ctx, rnd)
         score_s = time.time() - t
         random.seed(round_seed(ctx.seed, rnd))  # MONAI Label's Random draws from Python's random
         picked = []

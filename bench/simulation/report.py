@@ -25,7 +25,10 @@ ENTROPY = ("entropy", "volume")
 ORACLE = ("oracle", "volume")
 ALL = ("all", "volume")
 # Whole-volume arms compared with random, in this order (the oracle first: the positive control).
-VOLUME_ARMS = (ORACLE, ("size", "volume"), ENTROPY, REF, ("importance-binary", "volume"), ("first", "volume"))
+CALIBRATED = ("calibrated", "volume")
+CALIBRATED_ORGAN = ("calibrated", "organ")
+VOLUME_ARMS = (ORACLE, ("size", "volume"), ENTROPY, REF, CALIBRATED, ("importance-binary", "volume"),
+               ("first", "volume"))
 
 
 def columns(organs: Sequence[str]) -> List[str]:
@@ -157,6 +160,9 @@ def target_comparison(rows: List[Dict]) -> Dict:
     if organs is not None:
         organs["met"] = organs["saving"] is not None and organs["saving"] >= SAVING_TARGET
     out["organs"] = organs
+    if ALL in c:
+        m = mean_curve(c[ALL])
+        out["all"] = {"volumes": float(m[-1, 0]), "dice": float(m[-1, 2])}
     if RANDOM in c:
         m = mean_curve(c[RANDOM])[:, 2]
         out["rises"] = {"curve": [float(v) for v in m], "met": bool(len(m) > 1 and (m[1:] >= m[0]).all())}
@@ -367,6 +373,9 @@ def _control_lines(t: Dict, paired: Dict) -> List[str]:
                        "below are not results.")
     else:
         out.append("- Positive control: **not run** (no oracle arm): nothing shows this setup can tell a saving.")
+    bound = t.get("all")
+    if bound:
+        out.append(f"- Upper bound (every pool volume revised, {bound['volumes']:.0f}): test Dice {bound['dice']:.3f}.")
     rises = t.get("rises")
     if rises:
         out.append(f"- Random's curve rises with labels ({'**met**' if rises['met'] else '**not met**'}; no round "
@@ -417,11 +426,62 @@ def _target_lines(t: Dict, paired: Optional[Dict] = None) -> List[str]:
     return (out or ["- (the arms needed for the target comparison were not run)"]) + _strategy_table(t, paired)
 
 
+def revised_organs(picked: str) -> List[str]:
+    """Organs named in a round's ``picked`` column (``id:site:hard[organ|organ]`` items)."""
+    out = []
+    for item in picked.split():
+        if "[" in item:
+            out += [o for o in item[item.index("[") + 1: item.rindex("]")].split("|") if o]
+    return out
+
+
+def organ_drift(rows: List[Dict], organs: Sequence[str]) -> Dict[Tuple[str, str], Dict]:
+    """Organ-level arms: mean Dice (over seeds) of the organs revised at least once by the end, and of
+    those never revised, at the start and after the last round; which organs were handed out how often.
+    Unrevised organs learn only through the pseudo labels' weight and shared features: they must not drift."""
+    out = {}
+    by_arm: Dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["revision"] == "organ":
+            by_arm[(r["strategy"], r["revision"])][int(r["seed"])].append(r)
+    for arm, seeds in by_arm.items():
+        counts: Dict[str, int] = defaultdict(int)
+        rev_start, rev_end, un_start, un_end = [], [], [], []
+        for seed_rows in seeds.values():
+            seed_rows.sort(key=lambda r: int(r["round"]))
+            named = [o for r in seed_rows for o in revised_organs(r.get("picked", ""))]
+            for o in named:
+                counts[o] += 1
+            first, last = seed_rows[0], seed_rows[-1]
+            for o in organs:
+                a, b = first.get(f"dice_{o}", ""), last.get(f"dice_{o}", "")
+                if a == "" or b == "":
+                    continue
+                (rev_start if o in named else un_start).append(float(a))
+                (rev_end if o in named else un_end).append(float(b))
+        mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+        out[arm] = {"revised": (mean(rev_start), mean(rev_end)), "unrevised": (mean(un_start), mean(un_end)),
+                    "handed_out": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+    return out
+
+
+def _drift_lines(rows: List[Dict]) -> List[str]:
+    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    out = []
+    for arm, d in organ_drift(rows, organs).items():
+        (rs, re_), (us, ue) = d["revised"], d["unrevised"]
+        out.append(f"- {_arm_label(arm)}: organs revised at least once: Dice {rs:.3f} -> {re_:.3f}; never revised: "
+                   f"{us:.3f} -> {ue:.3f} (mean over seeds and organs, start -> last round); handed out: "
+                   + ", ".join(f"{o} {n}" for o, n in d["handed_out"].items()))
+    return out
+
+
 def paired_comparisons(rows: List[Dict], n: int = 1000) -> Dict:
     """Paired bootstrap of every whole-volume arm against random (volumes), and of organ-level importance
     against whole-volume importance (organs)."""
     out = {arm: paired_bootstrap(rows, arm, RANDOM, 0, n) for arm in VOLUME_ARMS}
     out[ORGAN] = paired_bootstrap(rows, ORGAN, REF, 1, n)
+    out[CALIBRATED_ORGAN] = paired_bootstrap(rows, CALIBRATED_ORGAN, CALIBRATED, 1, n)
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -436,5 +496,8 @@ def summary_markdown(rows: List[Dict], meta: Dict) -> str:
             "Annotation needed to reach a Dice = where the curve (Dice against cumulative annotation, rounds joined "
             "by straight lines) first reaches it.", ""]
     out += _target_lines(target_comparison(rows), paired_comparisons(rows))
+    drift = _drift_lines(rows)
+    if drift:
+        out += ["", "## Organ-level revision: revised and unrevised organs", ""] + drift
     out.append("")
     return "\n".join(out)
