@@ -68,8 +68,9 @@ class ArchitectureCache:
         self._cache = NetworkCache()
         self.loads = 0
 
-    def get(self, name: str, path: str, device):
-        net = self._cache.get(name.split("#")[0], path, device)
+    def get(self, name: str, path: str, device, **options):
+        """The network of ``name``'s architecture in ``path``; ``options``: ``NetworkCache.get``'s (compile ...)."""
+        net = self._cache.get(name.split("#")[0], path, device, **options)
         self.loads = self._cache.loads
         return net
 

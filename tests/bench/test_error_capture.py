@@ -46,6 +46,21 @@ def test_failed_units_are_counted_in_the_top_tenth_and_the_issue_22_targets_say_
     assert "predicted_voxels" in verdicts[0]["target"] and "unreachable" in verdicts[0]["target"]
 
 
+def test_the_starters_cache_takes_what_the_scorer_asks_of_a_network_cache(tmp_path):
+    """Several starters of one architecture (``segresnet#k``) load through the scorer's own call, options
+    included (the small configuration's path; the run crashed on it when NetworkCache gained options)."""
+    from bench.error_capture import ArchitectureCache
+    from testing.synthetic_weights import write_synthetic_checkpoint
+
+    paths = [str(tmp_path / f"s{k}.pth") for k in range(2)]
+    for k, path in enumerate(paths):
+        write_synthetic_checkpoint("segresnet", path, seed=k)
+    cache = ArchitectureCache()
+    nets = [cache.get(f"segresnet#{k}", p, "cpu", compile=False, channels_last=False) for k, p in enumerate(paths)]
+    assert nets[0] is not nets[1] and cache.loads == 2
+    assert cache.get("segresnet#0", paths[0], "cpu", compile=False, channels_last=False) is nets[0]
+
+
 def test_units_explain_where_the_error_lies_and_the_released_path_runs(tmp_path):
     """A run end to end on two released-format checkpoints (synthetic weights; the GPU configuration's
     path): one row per (volume, organ); error voxels split into what attention covers and the rest."""
