@@ -284,3 +284,16 @@ def test_a_realistic_pool_is_mostly_the_starters_own_site_without_hard_cases():
     assert len(plan) == 32 and len(home) == 24
     shifted = [p for p in plan if p != ("A", None)]
     assert {s for s, _ in shifted} >= {"B", "C", "D"} and any(h for _, h in shifted)
+
+
+def test_organ_drift_separates_revised_from_never_revised_organs():
+    def row(rnd, picked, liver, spleen, aorta):
+        return {"seed": 0, "strategy": "importance", "revision": "organ", "round": rnd, "picked": picked,
+                "dice_liver": liver, "dice_spleen": spleen, "dice_aorta": aorta}
+
+    rows = [row(0, "", "0.5", "0.6", "0.7"), row(1, "p1:A:-[liver|spleen]", "0.6", "0.7", "0.65"),
+            row(2, "p2:B:hard[liver]", "0.8", "0.8", "0.6")]
+    assert report.revised_organs("p1:A:-[liver|spleen] p2:B:-[aorta]") == ["liver", "spleen", "aorta"]
+    d = report.organ_drift(rows, ["liver", "spleen", "aorta"])[("importance", "organ")]
+    assert d["revised"] == pytest.approx((0.55, 0.8)) and d["unrevised"] == pytest.approx((0.7, 0.6))
+    assert d["handed_out"] == {"liver": 2, "spleen": 1}
