@@ -52,3 +52,17 @@ def test_on_three_annotators_get_a_stratified_batch_the_same_for_the_same_round(
     late = ImportanceStrategy(hold_s=600, diversity_temperature=50.0, diversity_decay=0.0, round_of=lambda: 1)
     batch = _batch(late, ds)
     assert len(set(batch)) == 3 and not {"im1", "im2"} & set(batch), batch
+
+
+def test_the_servers_round_index_counts_the_rounds_done_in_its_log(tmp_path):
+    import json
+
+    from lib.app import rounds_done
+
+    count = rounds_done(str(tmp_path))
+    assert count() == 0, "no round log yet: round 0"
+    (tmp_path / "rounds").mkdir()
+    entries = [{"round": 1, "status": "done"}, {"round": 2, "status": "failed"}, {"round": 3, "status": "done"},
+               {"round": 4, "status": "running"}]
+    (tmp_path / "rounds" / "rounds.json").write_text(json.dumps(entries))
+    assert count() == 2
