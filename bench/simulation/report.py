@@ -393,7 +393,10 @@ def _strategy_table(t: Dict, paired: Dict) -> List[str]:
     for arm, a in t["strategies"].items():
         p = paired.get(arm) or {}
         delta = p.get("delta_final")
-        out.append(f"| {_arm_label(arm)} | {_n(a['needed'])} of {a['reference_spent']:.0f} | {_pct(a['saving'])}"
+        # The paired estimate (seeds both arms ran) when there is one, so that it sits inside its interval.
+        saving = p["saving"] if "saving" in p else a["saving"]
+        saving = None if saving is None or saving == NOT_REACHED else saving
+        out.append(f"| {_arm_label(arm)} | {_n(a['needed'])} of {a['reference_spent']:.0f} | {_pct(saving)}"
                    f"{_ci(p.get('saving_ci'), True)} | {a['seeds_met']} of {len(a['per_seed'])} | "
                    f"{'n/a' if delta is None else f'{delta:+.3f}'}{_ci(p.get('delta_ci'))} | "
                    f"{'MET' if a['met'] else 'NOT MET'} |")
