@@ -77,16 +77,16 @@ def write_studies(studies: Path, n: int) -> List[str]:
 def prefill_scores(studies: Path, ids: List[str], checkpoint: str) -> None:
     """Give every image an importance record as ImportanceScoring stores it, current for the served
     model file and the image file (so the server's auto scoring skips them all)."""
-    from monailabel.datastore.local import LocalDatastore
-
     from lib.classes import LABEL_SETS
+    from lib.datastore import CheckedLocalDatastore
     from lib.files import file_stamp, file_version
     from lib.importance.records import INFO_KEY
 
     organs = list(LABEL_SETS["atlas25"])
     versions = {MODEL: file_version(checkpoint)}
     rng = random.Random(0)
-    ds = LocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
+    # The app's datastore: its public record (MONAI Label's own keeps it private).
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], auto_reload=False)
     for image_id in ids:
         priority = rng.sample(organs, len(organs))
         ml = {o: round(rng.uniform(0.1, 400.0), 3) for o in priority}

@@ -133,8 +133,10 @@ def test_saves_are_listed_at_once_and_the_dataset_downloads_after_partial_and_wh
     assert archive.read("label/case0.nii.gz") == stored.read_bytes()
     status, body = _get(url + "/datastore/?output=train")
     assert [sorted(d) for d in json.loads(body)] == [["image", "label"]]
-    # A whole-volume save: the image leaves the pool, and no one is handed it again.
-    MONAILabelClient(url, client_id="annotator-8").save_label("case0", _label(env, tmp_path, "whole", organs[:2]), tag="final")
+    # A whole-volume save, from a client that holds no organs of the image (annotator-8 holds some: its
+    # save without 'revised' would count those organs, issue 24): the image leaves the pool, and no one is
+    # handed it again.
+    MONAILabelClient(url, client_id="lead-annotator").save_label("case0", _label(env, tmp_path, "whole", organs[:2]), tag="final")
     listed = mine.datastore()["objects"]["case0"]["labels"]["final"]["info"]["organs"]
     assert {r["state"] for r in listed.values()} == {"revised"}
     for client_id in ("annotator-7", "annotator-8", "annotator-9"):
