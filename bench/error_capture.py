@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.error_capture --config tiny --models 2 --volumes 4 --out /tmp/ec   # smoke run
     .venv/bin/python -m bench.error_capture --config gpu --released DIR --device cuda   # the three backbones
 
-No retraining. A pool of phantom CTs (``lib/data``: sites A-D, hard cases) with ground truth; ``--models``
+No retraining. A pool of phantom CTs (``testing/phantoms.py``: sites A-D, hard cases) with ground truth; ``--models``
 SegResNet starters trained on phantoms from different seeds (cached, as bench/simulate.py caches its
 starter), so that the inconsistency term exists. Each volume goes through the app's scorer
 (``VolumeScorer``: the recipe's pre-processing, each model's sliding-window probabilities, the ensemble's
