@@ -126,18 +126,20 @@ class Model:
             per_volume.append(organ_dice(pred, gt, self.class_indices))
         return dict(summarise(per_volume, self.labels), volumes=[v.tolist() for v in per_volume])
 
+    def _score_probabilities(self, datastore, key: str, score) -> None:
+        """``score(probs)`` of each unlabelled image's (M, C, ...) probabilities, stored under ``key``."""
+        for image_id in datastore.get_unlabeled_images():
+            probs = self.scorer.probabilities(self.scorer.preprocess(datastore.get_image_uri(image_id)))
+            datastore.update_image_info(image_id, {key: score(probs)})
+
     def score_entropy(self, datastore) -> None:
         """Mean binary entropy of the model's probabilities, per unlabelled image, stored where MONAI
         Label's ``Epistemic`` strategy reads it (``epistemic_entropy``)."""
-        for image_id in datastore.get_unlabeled_images():
-            probs = self.scorer.probabilities(self.scorer.preprocess(datastore.get_image_uri(image_id)))
-            datastore.update_image_info(image_id, {ENTROPY_KEY: mean_binary_entropy(probs)})
+        self._score_probabilities(datastore, ENTROPY_KEY, mean_binary_entropy)
 
     def score_size(self, datastore) -> None:
         """Predicted organ size (voxels of the mean probability > 0.5, all organs) per unlabelled image."""
-        for image_id in datastore.get_unlabeled_images():
-            probs = self.scorer.probabilities(self.scorer.preprocess(datastore.get_image_uri(image_id)))
-            datastore.update_image_info(image_id, {SIZE_KEY: float((probs.float().mean(0) > 0.5).sum())})
+        self._score_probabilities(datastore, SIZE_KEY, lambda probs: float((probs.float().mean(0) > 0.5).sum()))
 
     def score_true_error(self, datastore, gt: Dict[str, str]) -> None:
         """The positive control's score: per unlabelled image, 1 - the served model's Dice against the
