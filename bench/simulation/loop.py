@@ -180,9 +180,8 @@ def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log, t
     test = make_studies(os.path.join(folder, "test"), os.path.join(folder, "test_gt"), "test", cfg.n_test, seed, cfg)
     replay = []
     if cfg.replay_starter:
-        replay = make_studies(os.path.join(folder, "replay"), os.path.join(folder, "replay_gt"), "starter",
-                              cfg.n_starter, cfg.starter_seed_of(seed), cfg, sites=starter_sites(cfg),
-                              hard_fraction=0.0, prefix="replay")
+        replay = starter_studies(cfg, os.path.join(folder, "replay"), os.path.join(folder, "replay_gt"),
+                                 cfg.starter_seed_of(seed))
     log(f"seed {seed}: {len(pool)} pool ({cfg.pool}) + {len(test)} test phantoms + {len(replay)} replayed in "
         f"{time.time() - t:.0f} s; pool {' '.join(s.tag() for s in pool)}")
     ctx = SeedContext(seed, folder, pool, test, starter, replay)
@@ -199,14 +198,20 @@ def starter_sites(cfg: SimConfig) -> List[str]:
     return [s.strip() for s in cfg.starter_site.split(",") if s.strip()]
 
 
+def starter_studies(cfg: SimConfig, folder: str, gt_folder: str, starter_seed: int) -> List[Study]:
+    """The phantoms a starter learns from (its sites, no hard case): the same ones where it is trained
+    and where a seed replays them."""
+    return make_studies(folder, gt_folder, "starter", cfg.n_starter, starter_seed, cfg, sites=starter_sites(cfg),
+                        hard_fraction=0.0, prefix="replay")
+
+
 def starter_of(cfg: SimConfig, work: str, dest: str, log: Log) -> str:
     """The 'pre-trained backbone': SegResNet from scratch on ``n_starter`` phantoms of the starter's sites,
     with the app's ``train_starter``; published to ``dest``."""
     folder = os.path.join(work, "starter")
     shutil.rmtree(folder, ignore_errors=True)
     studies_dir = os.path.join(folder, "studies")
-    make_studies(studies_dir, os.path.join(studies_dir, "labels", "final"), "starter", cfg.n_starter,
-                 cfg.starter_seed, cfg, sites=starter_sites(cfg), hard_fraction=0.0, prefix="replay")
+    starter_studies(cfg, studies_dir, os.path.join(studies_dir, "labels", "final"), cfg.starter_seed)
     ds = LocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     model_dir = os.path.join(folder, "model")
