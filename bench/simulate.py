@@ -84,9 +84,10 @@ def _report_only(out: str) -> int:
     return 0
 
 
-def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str, keep_work: bool,
+def run_seed(cfg, seed: int, work: str, starters: List[str], threads: int, device: str, keep_work: bool,
              start: float, arms=None) -> List:
-    """The arms of one seed (default all of ``cfg.arms``) from ``starter``, in this process or a worker's;
+    """The arms of one seed (default all of ``cfg.arms``) from ``starters`` (the served model's, then its
+    companions'), in this process or a worker's;
     returns their rows. The seed's phantoms and round-0 Dice are made again in each call (deterministic)."""
     import torch
 
@@ -102,7 +103,7 @@ def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str,
     arms = list(arms or cfg.arms)
     tag = "" if arms == list(cfg.arms) else "_" + "_".join(f"{s}-{r}" for s, r in arms)
     try:
-        ctx = loop.prepare_seed(cfg, seed, work, starter, log, tag=tag)
+        ctx = loop.prepare_seed(cfg, seed, work, starters, log, tag=tag)
         rows: List = []
         for strategy, revision in arms:
             rows += loop.run_arm(cfg, ctx, strategy, revision, log)
@@ -115,7 +116,7 @@ def run_seed(cfg, seed: int, work: str, starter: str, threads: int, device: str,
     return rows
 
 
-def _run_seeds(cfg, work: str, starters: Dict[int, str], args, start: float):
+def _run_seeds(cfg, work: str, starters: Dict[int, List[str]], args, start: float):
     """Yields rows as they finish: each seed's arms in this process, or each (seed, arm) in one of
     ``--jobs`` worker processes (so the workers stay busy to the end)."""
     common = (args.threads, args.device, args.keep_work, start)
@@ -159,8 +160,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _starter(args, cfg, work: str, log):
-    """({seed: starting model's path}, a note on where they came from): ``--starter`` checked (every
-    seed starts from it), or the cached ones (``cfg.starters`` distinct)."""
+    """({seed: its models' starting files}, a note on where they came from): ``--starter`` checked (every
+    model of every seed starts from it), or the cached ones (``cfg.starters`` distinct)."""
     import torch
 
     from bench.simulation import loop
@@ -172,12 +173,12 @@ def _starter(args, cfg, work: str, log):
         starter = os.path.abspath(args.starter)
         validate_checkpoint("segresnet", starter)
         log(f"starter: given {starter}")
-        return {seed: starter for seed in cfg.seeds}, f"given: {starter}"
+        return {seed: [starter] * cfg.models for seed in cfg.seeds}, f"given: {starter}"
     torch.set_num_threads(max(1, args.threads * args.jobs))  # the seeds' processes have not started yet
     starters = loop.cached_starters(cfg, work, log, cache=args.starter_cache or loop.STARTER_CACHE,
                                     fresh=args.fresh_starter)
     torch.set_num_threads(max(1, args.threads))
-    names = sorted({os.path.basename(p) for p in starters.values()})
+    names = sorted({os.path.basename(p) for paths in starters.values() for p in paths})
     return starters, (f"{len(names)} distinct ({', '.join(names)}), seeds in turn; trained once with the settings "
                       f"each is keyed by; {time.time() - t:.0f} s here")
 
@@ -246,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    summary = _write_report(rows, meta, out)
+    summary = _write_report(report.read_csv(csv_path), meta, out)  # as --report-only reads them
     if not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     log(f"done in {wall:.0f} s: {csv_path}, {os.path.join(out, 'dice_vs_annotation.png')}, "

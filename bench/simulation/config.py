@@ -59,6 +59,12 @@ class SimConfig:
 
     Starters: ``starters`` distinct starting models (starter seeds ``starter_seed + i``); seed ``s``
     starts from starter ``s % starters``, so starter variance enters the intervals.
+
+    Models: with ``models`` 2 or more, the arms that score with the model (importance, entropy, size)
+    score with the served model and ``models - 1`` companions started from the next starters and retrained
+    on the same labels each round, as a deployment scores with several backbones (so the importance
+    score's inconsistency term is not 0); the served model alone is tested, so random, the oracle and the
+    upper bound are the same as with one model.
     """
 
     name: str
@@ -87,6 +93,7 @@ class SimConfig:
     shifted_fraction: float = 0.25  # realistic pool: the share not like the starter's own volumes
     replay_starter: bool = False
     starters: int = 1
+    models: int = 1  # models scoring the pool: the served one and companions of the next starters
     finetune_lr: Optional[float] = None  # learning rate of the rounds' retraining; None = lr
     pseudo_weight: float = 0.0  # loss weight of organs not revised in a label (the app's --conf pseudo_weight)
     sites: Tuple[str, ...] = ("A", "B", "C", "D")
@@ -101,6 +108,8 @@ class SimConfig:
                 raise ValueError(f"unknown revision {revision!r}; choose from {', '.join(REVISIONS)}")
             if revision == "organ" and STRATEGIES[strategy][0] not in ORGAN_STRATEGIES:
                 raise ValueError("organ-level revision needs an organ priority: use importance or oracle")
+        if not 1 <= self.models <= max(1, self.starters):
+            raise ValueError(f"models={self.models}: each model needs its own starter; starters={self.starters}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose from {', '.join(POOLS)}")
         need = max(
@@ -162,6 +171,8 @@ PRESETS: Dict[str, SimConfig] = {
         pool="realistic",
         shifted_fraction=0.5,
         replay_starter=True,
+        starters=2,
+        models=2,
         rounds=2,
         volumes_per_round=1,
         organ_volumes_per_round=1,

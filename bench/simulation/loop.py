@@ -16,7 +16,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,11 +68,41 @@ def round_seed(seed: int, rnd: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(rnd), 77]).generate_state(1)[0])
 
 
+class CompanionCache(NetworkCache):
+    """The network cache of a scorer that holds companions: ``segresnet#2`` is built as a SegResNet (the
+    cache keys networks by their file, so the models stay apart)."""
+
+    def get(self, backbone: str, path: str, device, **kwargs):
+        return super().get(backbone.split("#")[0], path, device, **kwargs)
+
+
+class ModelSet:
+    """The weights a scorer reads: the served model under ``segresnet`` and its companions under
+    ``segresnet#2``... (each in its own registry)."""
+
+    def __init__(self, registries: Dict[str, WeightsRegistry]):
+        self.registries = registries
+
+    def available(self, name: str) -> bool:
+        return self.registries[name].available(BACKBONE)
+
+    def current_path(self, name: str) -> Optional[str]:
+        return self.registries[name].current_path(BACKBONE)
+
+    def info(self, name: str) -> Dict:
+        return self.registries[name].info(BACKBONE)
+
+
 class Model:
-    """One backbone's weights in ``model_dir`` (starting from ``starter``), its infer task and trainer."""
+    """One backbone's weights in ``model_dir`` (starting from ``starter``), its infer task and trainer.
+
+    ``companions``: other models (of other starters, retrained on the same labels) that score the pool
+    with it, as a deployment's several backbones do: the importance score's inconsistency term and the
+    mean probability then come from all of them; the served model alone is tested."""
 
     def __init__(self, cfg: SimConfig, model_dir: str, starter: Optional[str], split_file: str,
-                 publish_to: Optional[str] = None, scoring: Optional[Dict] = None, lr: Optional[float] = None):
+                 publish_to: Optional[str] = None, scoring: Optional[Dict] = None, lr: Optional[float] = None,
+                 companions: Sequence["Model"] = ()):
         self.cfg = cfg
         os.makedirs(model_dir, exist_ok=True)
         self.model_dir = model_dir
@@ -83,7 +113,8 @@ class Model:
         self.recipe = recipe_of(cfg)
         self.labels = labels_of(cfg)
         self.class_indices = [CLASS_INDEX[o] for o in self.labels]
-        self.cache = NetworkCache()
+        self.cache = CompanionCache()
+        self.companions = list(companions)
         self.infer = SuPreMSegmentation([BACKBONE], self.registry, self.labels, self.recipe, self.cache)
         self.trainer = SuPreMTrainer(
             BACKBONE, self.registry, self.labels, self.recipe, model_dir=model_dir, split_file=split_file,
@@ -91,8 +122,10 @@ class Model:
             num_samples=cfg.num_samples, lr=lr or cfg.lr, val_fraction=0.0,
             publish_to=publish_to, amp="none", pseudo_weight=cfg.pseudo_weight,
         )
-        self.scorer = VolumeScorer([BACKBONE], self.registry, self.labels, self.recipe, self.cache, device=DEVICE,
-                                   **(scoring or {}))
+        models = {BACKBONE: self.registry}
+        models.update({f"{BACKBONE}#{i + 2}": c.registry for i, c in enumerate(self.companions)})
+        self.scorer = VolumeScorer(list(models), ModelSet(models), self.labels, self.recipe, self.cache,
+                                   device=DEVICE, **(scoring or {}))
         self.scoring = ImportanceScoring(self.scorer)
 
     def predict(self, path: str) -> np.ndarray:
@@ -112,6 +145,8 @@ class Model:
         finally:
             set_determinism(seed=None)
             shutil.rmtree(os.path.join(self.model_dir, f"train_{BACKBONE}", name), ignore_errors=True)
+        for c in self.companions:  # the same labels, crops and steps
+            c.train(datastore, name, steps_per_label, seed)
         return {"epochs": epochs, "labels_used": n, "published": res.get("published")}
 
     def test_dice(self, studies: List[Study]) -> Dict:
@@ -164,14 +199,16 @@ class SeedContext:
     test: List[Study]
     starter: str
     replay: List[Study] = field(default_factory=list)  # labelled from the start (the starter's own phantoms)
+    companions: List[str] = field(default_factory=list)  # starters of the models scoring beside it
     round0: Dict[str, float] = field(default_factory=dict)
     round0_s: float = 0.0
     scores0: Dict[str, Dict[str, Dict]] = field(default_factory=dict)  # score kind -> image id -> image info
 
 
-def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log, tag: str = "") -> SeedContext:
+def prepare_seed(cfg: SimConfig, seed: int, work: str, starters: Sequence[str], log: Log, tag: str = "") -> SeedContext:
     """The seed's pool and test phantoms, the starter's own phantoms (replayed when ``replay_starter``),
-    and the starting model's test Dice, in ``work/seed_<seed><tag>``."""
+    and the starting model's test Dice, in ``work/seed_<seed><tag>``. ``starters``: the served model's
+    starter, then its companions'."""
     folder = os.path.join(work, f"seed_{seed}{tag}")
     shutil.rmtree(folder, ignore_errors=True)
     t = time.time()
@@ -184,9 +221,9 @@ def prepare_seed(cfg: SimConfig, seed: int, work: str, starter: str, log: Log, t
                                  cfg.starter_seed_of(seed))
     log(f"seed {seed}: {len(pool)} pool ({cfg.pool}) + {len(test)} test phantoms + {len(replay)} replayed in "
         f"{time.time() - t:.0f} s; pool {' '.join(s.tag() for s in pool)}")
-    ctx = SeedContext(seed, folder, pool, test, starter, replay)
+    ctx = SeedContext(seed, folder, pool, test, starters[0], replay, list(starters[1:]))
     t = time.time()
-    m = Model(cfg, os.path.join(folder, "round0_model"), starter, os.path.join(folder, "round0_split.json"))
+    m = Model(cfg, os.path.join(folder, "round0_model"), ctx.starter, os.path.join(folder, "round0_split.json"))
     ctx.round0 = m.test_dice(test)
     ctx.round0_s = time.time() - t
     log(f"seed {seed}: starting model test Dice {ctx.round0['mean']:.3f} ({ctx.round0_s:.0f} s)")
@@ -242,23 +279,27 @@ def cached_starter(cfg: SimConfig, work: str, log: Log, cache: str = STARTER_CAC
     return path
 
 
-def cached_starters(cfg: SimConfig, work: str, log: Log, cache: str = STARTER_CACHE, fresh: bool = False) -> Dict[int, str]:
-    """seed -> its starting model: ``cfg.starters`` distinct ones (starter seeds in turn), each cached."""
+def cached_starters(cfg: SimConfig, work: str, log: Log, cache: str = STARTER_CACHE,
+                    fresh: bool = False) -> Dict[int, List[str]]:
+    """seed -> the starting models of its ``cfg.models`` models: ``cfg.starters`` distinct ones (starter
+    seeds in turn), each trained once and cached; seed ``s``'s model ``m`` starts from starter ``s + m``."""
     from dataclasses import replace
 
-    by_starter_seed: Dict[int, str] = {}
-    out = {}
-    for seed in cfg.seeds:
-        k = cfg.starter_seed_of(seed)
-        if k not in by_starter_seed:
-            by_starter_seed[k] = cached_starter(replace(cfg, starter_seed=k), work, log, cache, fresh)
-        out[seed] = by_starter_seed[k]
-    return out
+    paths: Dict[int, str] = {}
+
+    def starter(k: int) -> str:
+        if k not in paths:
+            paths[k] = cached_starter(replace(cfg, starter_seed=k), work, log, cache, fresh)
+        return paths[k]
+
+    return {seed: [starter(cfg.starter_seed_of(seed + m)) for m in range(cfg.models)] for seed in cfg.seeds}
 
 
 # Image-info keys a scored strategy reads (the oracle's per-organ errors ride along).
 SCORE_KEYS = {"importance": (INFO_KEY,), "entropy": (ENTROPY_KEY,), "size": (SIZE_KEY,),
               "oracle": (ORACLE_KEY, ORACLE_ORGANS_KEY)}
+# Strategies that score with the models' probabilities (all of them, companions included).
+MODEL_SCORED = ("importance", "entropy", "size")
 
 
 def _strategy(name: str):
@@ -323,16 +364,22 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     ds = CheckedLocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False,
                                allowed_labels=[CLASS_INDEX[o] for o in labels_of(cfg)])
     kind, options = STRATEGIES[strategy]
+    lr = cfg.finetune_lr or cfg.lr
+    companions = []
+    if kind in MODEL_SCORED:  # random, the oracle and the bound never read a second model: not trained
+        companions = [Model(cfg, os.path.join(folder, f"companion_{i + 2}"), path,
+                            os.path.join(folder, f"split_{i + 2}.json"), lr=lr)
+                      for i, path in enumerate(ctx.companions)]
     model = Model(cfg, os.path.join(folder, "model"), ctx.starter, os.path.join(folder, "split.json"),
-                  scoring=options, lr=cfg.finetune_lr or cfg.lr)
+                  scoring=options, lr=lr, companions=companions)
     annotator = SimulatedAnnotator({s.id: s.gt for s in ctx.pool + ctx.replay}, model.labels, model.predict,
                                    os.path.join(folder, "tmp"))
     _label_replay(ds, ctx.replay, annotator)
     pick_strategy = _strategy(strategy)
     tags = {s.id: s.tag() for s in ctx.pool}
     base = {"seed": ctx.seed, "strategy": strategy, "revision": revision}
-    rows = [dict(base, round=0, volumes_revised=0, organs_revised=0, dice=ctx.round0, picked="", epochs=0,
-                 labels_used=0, score_s=0.0, train_s=0.0, test_s=round(ctx.round0_s, 1))]
+    rows = [dict(base, round=0, volumes_revised=0, organs_revised=0, dice=ctx.round0, picked="", scored_by=0,
+                 epochs=0, labels_used=0, score_s=0.0, train_s=0.0, test_s=round(ctx.round0_s, 1))]
     volumes = organs = 0
     per_round = cfg.volumes_per_round if revision == "volume" else cfg.organ_volumes_per_round
     rounds = cfg.rounds
@@ -342,6 +389,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
         t = time.time()
         _score_pool(kind, options, model, ds, ctx, rnd)
         score_s = time.time() - t
+        scored_by = len(model.scorer.active()) if kind in MODEL_SCORED else 0  # models with weights now
         random.seed(round_seed(ctx.seed, rnd))  # MONAI Label's Random draws from Python's random
         picked = []
         for _ in range(per_round):
@@ -363,7 +411,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
         dice = model.test_dice(ctx.test)
         test_s = time.time() - t
         rows.append(dict(base, round=rnd, volumes_revised=volumes, organs_revised=organs, dice=dice,
-                         picked=" ".join(picked), epochs=info["epochs"], labels_used=info["labels_used"],
+                         scored_by=scored_by, picked=" ".join(picked), epochs=info["epochs"], labels_used=info["labels_used"],
                          score_s=round(score_s, 1), train_s=round(train_s, 1), test_s=round(test_s, 1)))
         log(f"seed {ctx.seed} {arm} round {rnd}: {volumes} volumes / {organs} organs revised, "
             f"test Dice {dice['mean']:.3f} (score {score_s:.0f} s, train {train_s:.0f} s, test {test_s:.0f} s) "

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 BASE_COLUMNS = ["seed", "strategy", "revision", "round", "volumes_revised", "organs_revised", "test_mean_dice"]
-TAIL_COLUMNS = ["epochs", "labels_used", "score_s", "train_s", "test_s", "picked"]
+TAIL_COLUMNS = ["epochs", "labels_used", "score_s", "train_s", "test_s", "picked", "scored_by"]
 VOLUME_COLUMN = "volume_dice"  # JSON: per test volume, per organ Dice (null = undefined), for the intervals
 REF = ("importance", "volume")
 RANDOM = ("random", "volume")
@@ -468,14 +468,102 @@ def organ_drift(rows: List[Dict], organs: Sequence[str]) -> Dict[Tuple[str, str]
     return out
 
 
+def unrevised_change(rows: List[Dict], arm, n: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> Optional[Tuple[float, Tuple[float, float]]]:
+    """Change of the never-revised organs' mean test Dice from the start to the last round of an
+    organ-level arm (per seed its own never-revised organs), with a bootstrap interval over seeds and,
+    within a seed, its test volumes (the same draw for start and end). None without the tables."""
+    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    pairs = []
+    for seed_rows in _arm_seeds(rows, arm).values():
+        named = {o for r in seed_rows for o in revised_organs(r.get("picked", ""))}
+        cols = [i for i, o in enumerate(organs) if o not in named]
+        first, last = volume_table(seed_rows[0]), volume_table(seed_rows[-1])
+        if first is None or last is None or not cols:
+            return None
+        pairs.append((first[:, cols], last[:, cols]))
+    if not pairs:
+        return None
+
+    def change(idx, draws):
+        return float(np.mean([_mean_dice(pairs[i][1][v]) - _mean_dice(pairs[i][0][v]) for i, v in zip(idx, draws)]))
+
+    rng = np.random.default_rng(seed)
+    k = len(pairs)
+    point = change(range(k), [np.arange(len(p[0])) for p in pairs])
+    boot = []
+    for _ in range(n):
+        idx = rng.integers(0, k, size=k)
+        boot.append(change(idx, [rng.integers(0, len(pairs[i][0]), size=len(pairs[i][0])) for i in idx]))
+    lo, hi = np.nanpercentile(boot, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return point, (float(lo), float(hi))
+
+
+def _arm_seeds(rows: List[Dict], arm) -> Dict[int, List[Dict]]:
+    """seed -> the arm's rows in round order."""
+    out: Dict[int, List[Dict]] = defaultdict(list)
+    for r in rows:
+        if (r["strategy"], r["revision"]) == tuple(arm):
+            out[int(r["seed"])].append(r)
+    return {s: sorted(v, key=lambda r: int(r["round"])) for s, v in out.items()}
+
+
+def revised_by_round(rows: List[Dict], arm) -> List[Tuple[int, float, float]]:
+    """(round, mean Dice of the organs revised by then, of those not yet revised): means over seeds of
+    the per-seed organ means (an organ counts as revised from the round its revision was trained on)."""
+    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    by_round: Dict[int, Tuple[List[float], List[float]]] = defaultdict(lambda: ([], []))
+    for seed_rows in _arm_seeds(rows, arm).values():
+        named: set = set()
+        for r in seed_rows:
+            named |= set(revised_organs(r.get("picked", "")))
+            values = {o: float(r[f"dice_{o}"]) for o in organs if r.get(f"dice_{o}", "") != ""}
+            rev = [v for o, v in values.items() if o in named]
+            unrev = [v for o, v in values.items() if o not in named]
+            by_round[int(r["round"])][0].append(float(np.mean(rev)) if rev else float("nan"))
+            by_round[int(r["round"])][1].append(float(np.mean(unrev)) if unrev else float("nan"))
+    return [(k, float(np.nanmean(a)) if np.isfinite(a).any() else float("nan"), float(np.nanmean(u)))
+            for k, (a, u) in sorted(by_round.items()) for a, u in [(np.array(a), np.array(u))]]
+
+
+def organ_gains(rows: List[Dict], arms: Sequence) -> List[str]:
+    """A table: per organ, how often each organ-level arm handed it out and its Dice gain there (last round
+    minus start, mean over seeds), beside its gain under whole-volume random revision (what labels of
+    that organ bring when every organ is revised)."""
+    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    columns = [a for a in arms if _arm_seeds(rows, a)]
+    head = "| organ | start | " + " | ".join(f"{_arm_label(a)}: handed out, gain" for a in columns) + " |"
+    out = [head, "|" + "---|" * (2 + len(columns))]
+    for o in organs:
+        cells, start = [], float("nan")
+        for a in columns:
+            seeds = _arm_seeds(rows, a).values()
+            handed = sum(revised_organs(r.get("picked", "")).count(o) for v in seeds for r in v)
+            pairs = [(float(v[0][f"dice_{o}"]), float(v[-1][f"dice_{o}"])) for v in seeds
+                     if v[0].get(f"dice_{o}", "") != "" and v[-1].get(f"dice_{o}", "") != ""]
+            start = float(np.mean([p[0] for p in pairs])) if pairs else start
+            gain = float(np.mean([b - a for a, b in pairs])) if pairs else float("nan")
+            cells.append(f"{handed if a[1] == 'organ' else '-'}, {gain:+.3f}")
+        out.append(f"| {o} | {start:.3f} | " + " | ".join(cells) + " |")
+    return out
+
+
 def _drift_lines(rows: List[Dict]) -> List[str]:
     organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
     out = []
     for arm, d in organ_drift(rows, organs).items():
         (rs, re_), (us, ue) = d["revised"], d["unrevised"]
+        change = unrevised_change(rows, arm)
+        ci = f" (change {change[0]:+.3f}, paired 95% [{change[1][0]:+.3f}, {change[1][1]:+.3f}])" if change else ""
         out.append(f"- {_arm_label(arm)}: organs revised at least once: Dice {rs:.3f} -> {re_:.3f}; never revised: "
-                   f"{us:.3f} -> {ue:.3f} (mean over seeds and organs, start -> last round); handed out: "
+                   f"{us:.3f} -> {ue:.3f}{ci} (mean over seeds and organs, start -> last round); handed out: "
                    + ", ".join(f"{o} {n}" for o, n in d["handed_out"].items()))
+        out.append("  by round (revised by then / not yet revised): " + "; ".join(
+            f"{k}: {a:.3f} / {u:.3f}" for k, a, u in revised_by_round(rows, arm)))
+    if out:
+        arms = [a for a in organ_drift(rows, organs)] + [RANDOM]
+        out += ["", "Organs handed out against organs that gained (Dice, last round minus start, mean over seeds):",
+                ""] + organ_gains(rows, arms)
     return out
 
 
@@ -488,11 +576,21 @@ def paired_comparisons(rows: List[Dict], n: int = 1000) -> Dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _scored_by_lines(rows: List[Dict]) -> List[str]:
+    """How many models scored each scored arm's picks (a deployment scores with several)."""
+    counts = defaultdict(set)
+    for r in rows:
+        if int(r["round"]) > 0 and str(r.get("scored_by") or "0") != "0":
+            counts[f"{r['strategy']} / {r['revision']}"].add(int(r["scored_by"]))
+    return [f"- models scoring the pool: {arm} {', '.join(map(str, sorted(n)))}" for arm, n in sorted(counts.items())]
+
+
 def summary_markdown(rows: List[Dict], meta: Dict) -> str:
     out = [f"# Active-learning simulation: `{meta.get('config', '?')}`", ""]
     for k in ("command", "machine", "date", "wall_s", "seeds", "starting model", "time spent"):
         if k in meta:
             out.append(f"- {k}: {meta[k]}")
+    out += _scored_by_lines(rows)
     out += ["", "Test mean Dice after each round: mean over seeds [bootstrap 95% interval, resampling seeds and "
             "test volumes]; last columns: annotation spent at the end.", "", summary_table(rows), ""]
     out += ["## Targets", "",

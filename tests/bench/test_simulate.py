@@ -4,6 +4,7 @@ a summary. Who wins is not checked here; bench/RESULTS.md reports that."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -38,7 +39,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_config_is_two_rounds_of_every_kind_of_arm_on_one_seed():
-    assert TINY.rounds == 2 and len(TINY.seeds) == 1
+    assert TINY.rounds == 2 and len(TINY.seeds) == 1 and TINY.models == 2
     assert {s for s, _ in TINY.arms} == {"importance", "random", "entropy", "oracle", "size", "all"}
 
 
@@ -75,6 +76,9 @@ def test_csv_has_one_consistent_row_per_seed_strategy_and_round(tiny_run):
             assert all(b > a for a, b in zip(orgs, orgs[1:]))
         else:
             assert orgs[-1] <= vols[-1] * TINY.organs_per_volume
+        # The model-scored arms score with the served model and its companion; the others read no model.
+        scored = {"importance": 2, "entropy": 2, "size": 2}.get(strategy, 0)
+        assert [int(r["scored_by"]) for r in arm_rows[1:]] == [scored] * (len(arm_rows) - 1), strategy
         # Round 0 is the same starting model for every arm.
         assert arm_rows[0]["test_mean_dice"] == rows[0]["test_mean_dice"]
         assert len([p for p in arm_rows[-1]["picked"].split() if p]) == per_round
@@ -101,6 +105,7 @@ def test_png_is_a_valid_image_and_summary_states_the_target(tiny_run):
     summary = (tiny_run / "summary.md").read_text()
     assert "## Targets" in summary and "random" in summary and "- Volumes (" in summary and "- Organs (" in summary
     assert "Mean entropy" in summary and "bootstrap 95% interval" in summary
+    assert "- models scoring the pool: importance / volume 2" in summary
     assert "- Positive control (" in summary and "| oracle / volume |" in summary and "paired 95%" in summary
     assert not (tiny_run / "work").exists(), "scratch phantoms and models are removed"
 
@@ -297,3 +302,35 @@ def test_organ_drift_separates_revised_from_never_revised_organs():
     d = report.organ_drift(rows, ["liver", "spleen", "aorta"])[("importance", "organ")]
     assert d["revised"] == pytest.approx((0.55, 0.8)) and d["unrevised"] == pytest.approx((0.7, 0.6))
     assert d["handed_out"] == {"liver": 2, "spleen": 1}
+
+
+def _organ_rows(seeds=(0, 1), n_test=4):
+    """Organ-level rows with per-volume tables: liver revised in round 1, spleen in round 2, aorta never;
+    the aorta (never revised) loses 0.05 a round on every test volume, the revised organs gain."""
+    rows = []
+    curves = {"liver": [0.5, 0.7, 0.8], "spleen": [0.6, 0.6, 0.75], "aorta": [0.7, 0.65, 0.6]}
+    picked = ["", "p1:A:-[liver]", "p2:B:-[spleen]"]
+    for seed in seeds:
+        for rnd in range(3):
+            offsets = np.linspace(-0.05, 0.05, n_test)[:, None]
+            table = np.array([[curves[o][rnd] for o in curves]]) + offsets
+            row = {"seed": seed, "strategy": "importance", "revision": "organ", "round": rnd, "picked": picked[rnd],
+                   "volume_dice": json.dumps(table.tolist())}
+            row.update({f"dice_{o}": str(curves[o][rnd]) for o in curves})
+            rows.append(row)
+    return rows
+
+
+def test_unrevised_organs_change_and_revised_by_round_follow_the_hand_outs():
+    rows = _organ_rows()
+    change, (lo, hi) = report.unrevised_change(rows, ("importance", "organ"), n=200)
+    assert change == pytest.approx(-0.1) and lo == pytest.approx(-0.1) and hi == pytest.approx(-0.1)
+    by_round = report.revised_by_round(rows, ("importance", "organ"))
+    assert [k for k, *_ in by_round] == [0, 1, 2]
+    assert math.isnan(by_round[0][1]) and by_round[0][2] == pytest.approx(np.mean([0.5, 0.6, 0.7]))
+    assert by_round[1][1:] == pytest.approx((0.7, np.mean([0.6, 0.65])))  # liver revised; spleen, aorta not yet
+    assert by_round[2][1:] == pytest.approx((np.mean([0.8, 0.75]), 0.6))
+    table = report.organ_gains(rows, [("importance", "organ")])
+    liver = next(line for line in table if line.startswith("| liver |"))
+    aorta = next(line for line in table if line.startswith("| aorta |"))
+    assert "| 0.500 | 2, +0.300 |" in liver and "| 0.700 | 0, -0.100 |" in aorta  # handed out in 2 seeds
