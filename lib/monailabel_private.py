@@ -65,7 +65,10 @@ PRIVATE_NAMES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
         "on the file's current record under the lock",
         (_HERE,),
     ),
-    "monailabel.datastore.dicom:DICOMWebDatastore._client": ("the DICOMweb client a SEG series is fetched with", (_HERE,)),
+    "monailabel.datastore.dicom:DICOMWebDatastore._client": (
+        "the DICOMweb client a SEG series is fetched and the SEGs of one series are searched with",
+        (_HERE,),
+    ),
     "monailabel.datastore.dicom:DICOMWebDatastore._fetch_by_frame": ("MONAI Label's fetch setting for that download", (_HERE,)),
     "monailabel.datastore.dicom:DICOMWebDatastore._convert_to_nifti": ("whether labels are kept as NIfTI", (_HERE,)),
     "monailabel.datastore.dicom:DICOMWebDatastore._dicom_info": ("the label info MONAI Label keeps for a series", (_HERE,)),
@@ -158,6 +161,11 @@ def download_dicomweb_series(datastore, series_id: str, folder: str) -> None:
     from monailabel.datastore.utils.dicom import dicom_web_download_series
 
     dicom_web_download_series(None, series_id, folder, datastore._client, datastore._fetch_by_frame)
+
+
+def dicomweb_client(datastore):
+    """The DICOMweb client (``dicomweb_client.DICOMwebClient``) the datastore talks to its PACS with."""
+    return datastore._client
 
 
 def dicomweb_keeps_nifti(datastore) -> bool:

@@ -113,10 +113,11 @@ def implied_organs(
     found (for the label's info; {} for a whole-volume save).
 
     ``handouts(client, image)``: the organs Next Sample handed to that annotator for the image (the
-    strategy's record); ``served``: (file, info) of the pre-annotation served for the image. It is compared
-    only when it was served to the same annotator: another's may come from another model."""
+    strategy's record; a request that does not say who asks gets what that record gives it); ``served``:
+    (file, info) of the pre-annotation served for the image. It is compared only when it was served to the
+    same annotator: another's may come from another model."""
     client = params.get("client_id")
-    handed = handouts(client, image_id) if handouts and client else None
+    handed = handouts(client, image_id) if handouts else None
     if not handed:
         return None, {}
     changed = None
@@ -130,6 +131,17 @@ def implied_organs(
     revised = implied_revision(handed, changed, list(classes))
     logger.info(f"{image_id}: no 'revised' sent by {client}; handed out {handed}, changed {changed}: revised {revised}")
     return revised, {IMPLIED_KEY: {"handed_out": list(handed), "changed": changed}}
+
+
+def revised_by_image(datastore, label_names: List[str]) -> Dict[str, List[str]]:
+    """Image file (real path) -> the organs of ``label_names`` revised in its final label, for a datastore
+    built on MONAI Label's local record (``LocalDatastoreHooks``; the DICOMweb datastore's cache too)."""
+    model = datastore.record  # one snapshot: a reload swaps the record whole
+    image_dir, out = model.image_path(), {}
+    for image_id, obj in model.filter_by_tag(DefaultLabelTag.FINAL).items():
+        path = os.path.realpath(os.path.join(image_dir, datastore.file_name(image_id, obj.image.ext)))
+        out[path] = revised_in((obj.labels[DefaultLabelTag.FINAL].info or {}).get(ORGANS_KEY), label_names)
+    return out
 
 
 def labeled_images_now(datastore) -> List[str]:
@@ -355,12 +367,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         """Image file (real path, as ``datalist`` names it) -> the organs revised in its final label: what
         the trainer masks its loss with. Kept out of ``datalist``, whose every key MONAI Label takes for a
         file (the dataset download). Read it after ``datalist`` so that it covers every pair listed."""
-        model = self.record  # one snapshot: a reload swaps the record whole
-        image_dir, out = model.image_path(), {}
-        for image_id, obj in model.filter_by_tag(DefaultLabelTag.FINAL).items():
-            path = os.path.realpath(os.path.join(image_dir, self.file_name(image_id, obj.image.ext)))
-            out[path] = revised_in((obj.labels[DefaultLabelTag.FINAL].info or {}).get(ORGANS_KEY), self.label_names)
-        return out
+        return revised_by_image(self, self.label_names)
 
     def datalist(self, full_path=True) -> List[Dict[str, Any]]:
         """MONAI Label's image/label pairs, as the file holds them now."""

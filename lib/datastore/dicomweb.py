@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Dict, Mapping
+import time
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.monailabel_private import LocalDatastoreHooks, dicomweb_keeps_nifti, dicomweb_label_info
+from lib.importance.records import INFO_KEY
+from lib.monailabel_private import LocalDatastoreHooks, dicomweb_client, dicomweb_keeps_nifti, dicomweb_label_info
 from lib.monailabel_private import download_dicomweb_series
 
-from .checked import LabelError, check_label
-from .revisions import RevisionError, requested_organs
+from .checked import PREANNOTATION, Handouts, LabelError, check_label, implied_organs, revised_by_image, saving_client
+from .revisions import ORGANS_KEY, RevisionError, organ_records, requested_organs
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
     indices (MONAI Label's reader yields segment numbers 1..n)."""
 
     label_names: Dict[int, str] = {}
+    # What Next Sample handed out at organ level (set by the app: the strategy's record); None: nothing.
+    handouts: Optional[Handouts] = None
+    # OHIF's MONAI Label panel sends no client id: hand-outs to requests that said nobody count for saves
+    # (and SEGs read from the PACS) that say nobody either (``ImportanceStrategy.organs_handed_to``).
+    anonymous_handouts = True
 
     def set_labels(self, label_dict: Mapping[str, int]) -> "CheckedDICOMWebDatastore":
         self.label_names = {int(v): n for n, v in label_dict.items()}
@@ -74,6 +81,8 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
                     raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
                 label_info = dict(label_info or {}, checked=summary)
                 label_info["label_info"] = _segment_info(self.label_names, summary["values"])
+                if label_tag == DefaultLabelTag.FINAL and requested_organs(label_info, self._names()) is None:
+                    label_info.update(self._implied_revision(image_id, label_filename, label_info))
             try:
                 return super().save_label(image_id, label_filename, label_tag, label_info)
             except FileNotFoundError as e:  # nifti_to_dicom_seg ignores itkimage2segimage's exit status
@@ -88,8 +97,9 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
     def _refuse_partial_revision(self, image_id, params) -> None:
         """Organ-level revision needs the stored label and its per-organ records, which a PACS does not
         keep: a Submit Label naming only some organs gets a 422 (unknown names too); none named, or every
-        organ of the label set, is a whole-volume revision, as always."""
-        names = [self.label_names[v] for v in sorted(self.label_names)]
+        organ of the label set, is a whole-volume revision, as always. (Organs revised without naming
+        them, ``_implied_revision``, are recorded: the SEG is the annotator's whole label.)"""
+        names = self._names()
         try:
             revised = requested_organs(params or {}, names)
         except RevisionError as e:
@@ -104,18 +114,93 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag != DefaultLabelTag.FINAL or not dicomweb_keeps_nifti(self) or not image_id:
             return super().get_label_uri(label_id, label_tag, image_id)
-        final = os.path.realpath(os.path.join(self.record.label_path(label_tag), f"{image_id}.nii.gz"))
+        final = self._cached_final(image_id)
         if os.path.exists(final):
             return final
         label_dir = os.path.realpath(os.path.join(self.record.label_path(label_tag), label_id))
         if not os.path.exists(label_dir) or not os.listdir(label_dir):
             download_dicomweb_series(self, label_id, label_dir)
         out = self._seg_to_classes(os.path.join(label_dir, sorted(os.listdir(label_dir))[0]), self.get_image_uri(image_id))
-        try:
-            LocalDatastore.save_label(self, image_id, out, label_tag, dicomweb_label_info(self, label_id))
+        try:  # a SEG says nobody: the organs handed out to requests that said nobody count (OHIF's export)
+            info = dict(dicomweb_label_info(self, label_id), **self._implied_revision(image_id, out, {}))
+            LocalDatastore.save_label(self, image_id, out, label_tag, info)
         finally:
             os.unlink(out)
         return final
+
+    def _cached_final(self, image_id: str) -> str:
+        """Where the server's cache keeps the image's final label (NIfTI, the app's class indices)."""
+        return os.path.realpath(os.path.join(self.record.label_path(DefaultLabelTag.FINAL), f"{image_id}.nii.gz"))
+
+    def _names(self) -> List[str]:
+        return [self.label_names[v] for v in sorted(self.label_names)]
+
+    def _implied_revision(self, image_id: str, label_file: str, params: Mapping) -> Dict:
+        """The info a final label naming no organs gets (``checked.implied_organs``): ``organs`` records
+        (the organs handed out and those changed against the served pre-annotation revised, the others
+        pseudo) and ``revised_from``; {} for a whole-volume revision. A PACS keeps whole SEGs, so nothing
+        is merged with an earlier label: the records describe this label alone."""
+        classes = {self.label_names[v]: v for v in sorted(self.label_names)}
+        served = self.served_preannotation(image_id)
+        revised, how = implied_organs(self.handouts, image_id, label_file, params, served, classes)
+        if revised is None:
+            return {}
+        model = ((self.get_image_info(image_id) or {}).get(INFO_KEY) or {}).get("models")
+        organs = organ_records(None, revised, list(classes), int(time.time()), saving_client(params), model)
+        return dict(how, **{ORGANS_KEY: organs})
+
+    def read_new_label(self, image_id: str) -> bool:
+        """Read the image's DICOM SEG now if the PACS has one this server has not read (OHIF's export
+        stores it there without telling the server; MONAI Label's listing of labelled series is cached for
+        hours). Next Sample calls this for the images it holds, so the hand-out is open when the SEG is
+        read. True when a SEG was read; a PACS that does not answer is logged."""
+        if not self.label_names or not dicomweb_keeps_nifti(self):
+            return False
+        if os.path.exists(self._cached_final(image_id)):
+            return False
+        try:
+            segs = self._segs_of(image_id)
+            if segs:
+                self.forget_cached_lists()
+                self.get_label_uri(segs[-1], DefaultLabelTag.FINAL, image_id)
+        except Exception as e:  # noqa: BLE001 - Next Sample still answers
+            logger.warning(f"{image_id}: could not look for a new DICOM SEG: {e}")
+            return False
+        return bool(segs)
+
+    def _segs_of(self, image_id: str) -> List[str]:
+        """The SEG series in the PACS that reference series ``image_id``, oldest first."""
+        from pydicom.dataset import Dataset
+
+        client = dicomweb_client(self)
+        study = (self.get_image_info(image_id) or {}).get("StudyInstanceUID")
+        filters = dict({"Modality": "SEG"}, **({"StudyInstanceUID": study} if study and study != "UNK" else {}))
+        found: List[Tuple[str, str]] = []
+        for found_series in client.search_for_series(search_filters=filters):
+            seg = Dataset.from_json(found_series)
+            study_uid, seg_uid = str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID)
+            meta = Dataset.from_json(client.retrieve_series_metadata(study_uid, seg_uid)[0])
+            ref = meta.get("ReferencedSeriesSequence")
+            if ref and str(ref[0].get("SeriesInstanceUID", "")) == image_id:
+                found.append((f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}", seg_uid))
+        return [uid for _, uid in sorted(found)]
+
+    def save_preannotation(self, image_id: str, filename: str, info: Dict[str, Any]) -> None:
+        """Keep the label an infer served for the image as its pre-annotation (MONAI Label's ``original``
+        tag) in the server's cache: what a final label of the image is compared with, organ by organ."""
+        LocalDatastore.save_label(self, image_id, filename, PREANNOTATION, dict(info))
+
+    def served_preannotation(self, image_id: str) -> Optional[Tuple[str, Dict]]:
+        """(file, info) of the pre-annotation kept for the image; None when none is."""
+        path = LocalDatastore.get_label_uri(self, image_id, PREANNOTATION)
+        if not path or not os.path.isfile(path):
+            return None
+        return path, dict(LocalDatastore.get_label_info(self, image_id, PREANNOTATION) or {})
+
+    def revised_by_image(self) -> Dict[str, List[str]]:
+        """Image file (real path, as ``datalist`` names it) -> the organs revised in its final label (every
+        organ for a label without records): what the trainer masks its loss with."""
+        return revised_by_image(self, self._names())
 
     def _seg_to_classes(self, seg_file: str, image_path: str) -> str:
         """The SEG as a label map on the image's grid whose values are the app's class indices."""

@@ -80,9 +80,14 @@ class ImportanceStrategy(Strategy):
         self.seed = int(seed)
         self._handed: Dict[str, Dict[str, Hold]] = {}  # image -> {organ or WHOLE: hold}
         self._lock = threading.Lock()
+        # Whether a save or infer that does not say who asks matches the hand-outs to requests that did not
+        # either: the datastore says (``anonymous_handouts``; DICOMweb: OHIF's panel sends no client id).
+        self.anonymous_handouts = False
 
     def __call__(self, request, datastore: Datastore):
         client = client_of(request)
+        self.anonymous_handouts = bool(getattr(datastore, "anonymous_handouts", False))
+        self._read_labels_of_held(datastore)
         with self._lock:
             now = time.time()
             self._expire(now)
@@ -113,15 +118,29 @@ class ImportanceStrategy(Strategy):
     def organs_handed_to(self, client_id, image_id: str) -> Optional[List[str]]:
         """The organs of ``image_id`` handed to annotator ``client_id`` at organ level in the last ``hold_s``
         seconds (a Submit Label naming no organs counts them as revised); None when that annotator holds
-        no organs of it (a whole-image hand-out, none, or a request that does not say who asks)."""
+        no organs of it (a whole-image hand-out, or none). A ``client_id`` that does not say who asks gets
+        None, or, where the datastore counts anonymous hand-outs (``anonymous_handouts``), every organ of
+        the image handed out to requests that did not say who asked."""
         client = client_of({"client_id": client_id})
-        if not client:
+        if not client and not self.anonymous_handouts:
             return None
         with self._lock:
             now = time.time()
             held = self._handed.get(image_id, {})
             organs = [k for k, h in held.items() if h.client == client and now - h.since < self.hold_s]
         return None if not organs or WHOLE in organs else organs
+
+    def _read_labels_of_held(self, datastore) -> None:
+        """Let the datastore read final labels of held images that reached it without a save through this
+        server (``read_new_label``; DICOMweb: a SEG that OHIF stored in the PACS), while their hand-outs
+        are open: what was handed out counts (outside the lock: the read asks ``organs_handed_to``)."""
+        read = getattr(datastore, "read_new_label", None)
+        if read is None:
+            return
+        with self._lock:
+            held = list(self._handed)
+        for image_id in held:
+            read(image_id)
 
     def _expire(self, now: float) -> None:
         kept = {}
