@@ -159,14 +159,16 @@ class Orthanc:
         self._log.close()
 
 
-def series_uids() -> Tuple[str, str]:
-    """(StudyInstanceUID, SeriesInstanceUID) given to the shared series: the same on every run."""
+def series_uids(copy: int = 0) -> Tuple[str, str]:
+    """(StudyInstanceUID, SeriesInstanceUID) given to the shared series (``copy`` > 0: to another copy of
+    it, a study of its own): the same on every run."""
     from pydicom.uid import generate_uid
 
-    return generate_uid(entropy_srcs=[_UID_SEED, "study"]), generate_uid(entropy_srcs=[_UID_SEED, "series"])
+    seed = _UID_SEED if not copy else f"{_UID_SEED}#{copy}"
+    return generate_uid(entropy_srcs=[seed, "study"]), generate_uid(entropy_srcs=[seed, "series"])
 
 
-def prepare_series(src_dir: str, out_dir: str) -> Tuple[str, str, List[str]]:
+def prepare_series(src_dir: str, out_dir: str, copy: int = 0) -> Tuple[str, str, List[str]]:
     """Copies of the shared series that a PACS takes: decompressed, with consistent UIDs.
 
     The shared files are JPEG 2000 (lossless) with empty Study/Series/SOP Instance UIDs, and an empty
@@ -174,12 +176,13 @@ def prepare_series(src_dir: str, out_dir: str) -> Tuple[str, str, List[str]]:
     VR Little Endian, and gets the study and series UIDs of ``series_uids()``, its own SOP Instance
     UID and its SOP Class UID from the file meta header (where the anonymiser left them). Orthanc
     stores a file without a SOP Class UID, but dcmqi's itkimage2segimage cannot reference it from a
-    DICOM SEG ("Condition failed: Missing value"). Returns (study UID, series UID, files).
+    DICOM SEG ("Condition failed: Missing value"). ``copy`` > 0: another patient's study with the same
+    pixels (every UID its own). Returns (study UID, series UID, files).
     """
     import pydicom
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-    study_uid, series_uid = series_uids()
+    study_uid, series_uid = series_uids(copy)
     os.makedirs(out_dir, exist_ok=True)
     files = []
     for src in sorted(glob.glob(os.path.join(src_dir, "*"))):
@@ -189,6 +192,9 @@ def prepare_series(src_dir: str, out_dir: str) -> Tuple[str, str, List[str]]:
         sop_uid = str(ds.file_meta.get("MediaStorageSOPInstanceUID") or "") or generate_uid(
             entropy_srcs=[_UID_SEED, os.path.basename(src)]
         )
+        if copy:
+            sop_uid = generate_uid(entropy_srcs=[_UID_SEED, str(copy), sop_uid])
+            ds.PatientID = f"{ds.get('PatientID', '')}-{copy}"
         sop_class = str(ds.get("SOPClassUID") or "") or str(ds.file_meta.get("MediaStorageSOPClassUID") or "")
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class or CTImageStorage
         ds.StudyInstanceUID = study_uid
@@ -204,16 +210,20 @@ def prepare_series(src_dir: str, out_dir: str) -> Tuple[str, str, List[str]]:
 
 
 @contextmanager
-def loaded_orthanc(work: str, series_dir: str):
+def loaded_orthanc(work: str, series_dir: str, copies: int = 1):
     """An Orthanc (DICOMweb) in ``work`` holding the series of ``series_dir``, prepared by
-    ``prepare_series``; ``study_uid``, ``series_uid`` and ``files`` are set on it. Stopped on exit."""
-    study_uid, series_uid, files = prepare_series(series_dir, os.path.join(work, "upload"))
+    ``prepare_series``; ``study_uid``, ``series_uid`` and ``files`` are set on it. ``copies`` > 1: as many
+    studies of it, each with its own UIDs; ``series`` maps each series UID to (study UID, files). Stopped
+    on exit."""
+    made = [prepare_series(series_dir, os.path.join(work, "upload" + (f"-{c}" if c else "")), c) for c in range(copies)]
     o = Orthanc(work)
     try:
         o.wait_ready()
-        for f in files:
-            o.upload(f)
-        o.study_uid, o.series_uid, o.files = study_uid, series_uid, files
+        for _, _, files in made:
+            for f in files:
+                o.upload(f)
+        o.study_uid, o.series_uid, o.files = made[0]
+        o.series = {series: (study, files) for study, series, files in made}
         yield o
     finally:
         o.stop()
