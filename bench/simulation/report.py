@@ -479,9 +479,10 @@ def unrevised_change(rows: List[Dict], arm, n: int = 1000, seed: int = 0,
         named = {o for r in seed_rows for o in revised_organs(r.get("picked", ""))}
         cols = [i for i, o in enumerate(organs) if o not in named]
         first, last = volume_table(seed_rows[0]), volume_table(seed_rows[-1])
-        if first is None or last is None or not cols:
+        if first is None or last is None:
             return None
-        pairs.append((first[:, cols], last[:, cols]))
+        if cols:  # a seed that revised every organ has none to drift
+            pairs.append((first[:, cols], last[:, cols]))
     if not pairs:
         return None
 

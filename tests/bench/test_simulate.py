@@ -325,6 +325,10 @@ def test_unrevised_organs_change_and_revised_by_round_follow_the_hand_outs():
     rows = _organ_rows()
     change, (lo, hi) = report.unrevised_change(rows, ("importance", "organ"), n=200)
     assert change == pytest.approx(-0.1) and lo == pytest.approx(-0.1) and hi == pytest.approx(-0.1)
+    # A seed that revised every organ has no never-revised organ: it is left out, not the whole answer.
+    everything = [dict(r, seed=9, picked="p3:C:-[liver|spleen|aorta]" if r["round"] == 2 else r["picked"])
+                  for r in rows if r["seed"] == 0]
+    assert report.unrevised_change(rows + everything, ("importance", "organ"), n=50)[0] == pytest.approx(-0.1)
     by_round = report.revised_by_round(rows, ("importance", "organ"))
     assert [k for k, *_ in by_round] == [0, 1, 2]
     assert math.isnan(by_round[0][1]) and by_round[0][2] == pytest.approx(np.mean([0.5, 0.6, 0.7]))
