@@ -231,13 +231,14 @@ PRESETS: Dict[str, SimConfig] = {
 }
 
 
-# For one GPU (aimed at 8 minutes on an H100/H200 with --jobs 5; not yet run): the small one's phantoms
-# with five starters, more rounds, a bigger pool and test set, more training a round.
-PRESETS["gpu"] = replace(PRESETS["small"], name="gpu", arms=BENCHMARK_ARMS, sw_batch_size=8, starters=5, models=2,
-                         n_pool=60, n_test=40, rounds=10, steps_per_label=10)
+# For one GPU (aimed at 8 minutes on an H100/H200 with --jobs 5; not yet run, sized by the CPU run's cost
+# split, bench/RESULTS.md): the small one's phantoms and training with five starters, two models in the
+# loop, eight rounds over a pool of 40, and the app's two rankings at whole-volume and organ level.
+PRESETS["gpu"] = replace(PRESETS["small"], name="gpu", sw_batch_size=8, starters=5, models=2, n_pool=40, rounds=8,
+                         arms=SMALL_ARMS + (("importance", "volume"), ("calibrated", "organ")))
 # Larger (documented, hours on one GPU): the recipe's grid and window, all 25 organs.
-PRESETS["large"] = replace(PRESETS["small"], name="large", arms=BENCHMARK_ARMS, shape=(128, 128, 96), spacing_scale=1.0,
-                           grid_mm=(1.5, 1.5, 1.5), roi=(96, 96, 96), overlap=0.5, sw_batch_size=1, lr=1e-3,
+PRESETS["large"] = replace(PRESETS["small"], name="large", arms=BENCHMARK_ARMS, shape=(128, 128, 96),
+                           spacing_scale=1.0, grid_mm=(1.5, 1.5, 1.5), roi=(96, 96, 96), overlap=0.5, sw_batch_size=1, lr=1e-3,
                            finetune_lr=None, starter_iters=1500, starter_seed=9000, starters=5, models=2,
                            labels="atlas25", n_pool=60, rounds=10, organs_per_volume=5, steps_per_label=20)
 
