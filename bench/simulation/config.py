@@ -238,8 +238,8 @@ PRESETS["gpu"] = replace(PRESETS["small"], name="gpu", sw_batch_size=8, starters
                          arms=SMALL_ARMS + (("importance", "volume"), ("calibrated", "organ")))
 # Larger (documented, hours on one GPU): the recipe's grid and window, all 25 organs.
 PRESETS["large"] = replace(PRESETS["small"], name="large", arms=BENCHMARK_ARMS, shape=(128, 128, 96),
-                           spacing_scale=1.0, grid_mm=(1.5, 1.5, 1.5), roi=(96, 96, 96), overlap=0.5, sw_batch_size=1, lr=1e-3,
-                           finetune_lr=None, starter_iters=1500, starter_seed=9000, starters=5, models=2,
+                           spacing_scale=1.0, grid_mm=(1.5, 1.5, 1.5), roi=(96, 96, 96), overlap=0.5, sw_batch_size=1,
+                           lr=1e-3, finetune_lr=None, starter_iters=1500, starter_seed=9000, starters=5, models=2,
                            labels="atlas25", n_pool=60, rounds=10, organs_per_volume=5, steps_per_label=20)
 
 
