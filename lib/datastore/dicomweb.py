@@ -67,7 +67,7 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         from monailabel.datastore.utils.convert import binary_to_image
 
-        self._refuse_partial_revision(image_id, label_info)
+        self._refuse_unknown_organs(image_id, label_info)
         image_path = self.get_image_uri(image_id)
         converted = ""
         if label_filename.endswith(".bin") and os.path.isfile(image_path):
@@ -81,8 +81,8 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
                     raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
                 label_info = dict(label_info or {}, checked=summary)
                 label_info["label_info"] = _segment_info(self.label_names, summary["values"])
-                if label_tag == DefaultLabelTag.FINAL and requested_organs(label_info, self._names()) is None:
-                    label_info.update(self._implied_revision(image_id, label_filename, label_info))
+                if label_tag == DefaultLabelTag.FINAL:
+                    label_info.update(self._revision_info(image_id, label_filename, label_info))
             try:
                 return super().save_label(image_id, label_filename, label_tag, label_info)
             except FileNotFoundError as e:  # nifti_to_dicom_seg ignores itkimage2segimage's exit status
@@ -94,22 +94,13 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
             if converted and os.path.exists(converted):
                 os.unlink(converted)
 
-    def _refuse_partial_revision(self, image_id, params) -> None:
-        """Organ-level revision needs the stored label and its per-organ records, which a PACS does not
-        keep: a Submit Label naming only some organs gets a 422 (unknown names too); none named, or every
-        organ of the label set, is a whole-volume revision, as always. (Organs revised without naming
-        them, ``_implied_revision``, are recorded: the SEG is the annotator's whole label.)"""
-        names = self._names()
+    def _refuse_unknown_organs(self, image_id, params) -> None:
+        """A ``revised`` param naming organs outside the label set (or not a list of names) gets a 422
+        naming them, before anything reaches the PACS."""
         try:
-            revised = requested_organs(params or {}, names)
+            requested_organs(params or {}, self._names())
         except RevisionError as e:
             raise HTTPException(status_code=422, detail=f"label for {image_id!r} refused: {e}") from e
-        if revised is not None and len(revised) < len(names):
-            raise HTTPException(
-                status_code=422,
-                detail=f"label for {image_id!r} refused: organ-level revision ('revised': {', '.join(revised)}) is "
-                "not supported on a DICOMweb datastore; save the whole volume (leave 'revised' out)",
-            )
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag != DefaultLabelTag.FINAL or not dicomweb_keeps_nifti(self) or not image_id:
@@ -122,7 +113,7 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
             download_dicomweb_series(self, label_id, label_dir)
         out = self._seg_to_classes(os.path.join(label_dir, sorted(os.listdir(label_dir))[0]), self.get_image_uri(image_id))
         try:  # a SEG says nobody: the organs handed out to requests that said nobody count (OHIF's export)
-            info = dict(dicomweb_label_info(self, label_id), **self._implied_revision(image_id, out, {}))
+            info = dict(dicomweb_label_info(self, label_id), **self._revision_info(image_id, out, {}))
             LocalDatastore.save_label(self, image_id, out, label_tag, info)
         finally:
             os.unlink(out)
@@ -135,14 +126,21 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
     def _names(self) -> List[str]:
         return [self.label_names[v] for v in sorted(self.label_names)]
 
-    def _implied_revision(self, image_id: str, label_file: str, params: Mapping) -> Dict:
-        """The info a final label naming no organs gets (``checked.implied_organs``): ``organs`` records
-        (the organs handed out and those changed against the served pre-annotation revised, the others
-        pseudo) and ``revised_from``; {} for a whole-volume revision. A PACS keeps whole SEGs, so nothing
-        is merged with an earlier label: the records describe this label alone."""
+    def _revision_info(self, image_id: str, label_file: str, params: Mapping) -> Dict:
+        """The organ records a final label gets: the organs its params name as revised (``revised``, some of
+        the label set: recorded as sent, whatever was handed out or changed), else those
+        ``checked.implied_organs`` finds (handed out, changed against the served pre-annotation; with
+        ``revised_from``); {} for a whole-volume revision (every organ named, or none named and nothing
+        handed out). A PACS keeps whole SEGs, so nothing is merged with an earlier label: the records
+        describe this label alone (the organs not revised in it are pseudo)."""
         classes = {self.label_names[v]: v for v in sorted(self.label_names)}
-        served = self.served_preannotation(image_id)
-        revised, how = implied_organs(self.handouts, image_id, label_file, params, served, classes)
+        how: Dict = {}
+        revised = requested_organs(params, list(classes))
+        if revised is None:
+            served = self.served_preannotation(image_id)
+            revised, how = implied_organs(self.handouts, image_id, label_file, params, served, classes)
+        elif len(revised) == len(classes):
+            return {}
         if revised is None:
             return {}
         model = ((self.get_image_info(image_id) or {}).get(INFO_KEY) or {}).get("models")

@@ -40,22 +40,67 @@ def test_labeled_images_now_sees_labels_saved_by_another_process(tmp_path):
     assert "checked" in round_process.get_label_info("im0", "final")
 
 
-def test_dicomweb_refuses_partial_revision_before_anything_reaches_the_pacs():
-    import pytest
-    from fastapi import HTTPException
+def _dicomweb_on_a_fake_pacs(tmp_path, monkeypatch):
+    """The app's DICOMweb datastore with image ``im0`` in its cache, on a PACS that stands in for STOW: the
+    SEG MONAI Label would write is not made, its upload is counted (``uploads``). Organ ``liver`` and
+    ``spleen`` handed out to ``annotator-1`` for ``im0``."""
+    import shutil
+
+    import monailabel.datastore.dicom as monailabel_dicom
+    from monailabel.utils.others.generic import md5_digest
 
     from lib.classes import LABEL_SETS, label_dict
     from lib.datastore.dicomweb import CheckedDICOMWebDatastore
 
-    # No PACS here: an instance without a client fails on any PACS call, so a refusal proves none was made.
-    ds = object.__new__(CheckedDICOMWebDatastore).set_labels(label_dict(LABEL_SETS["atlas25"]))
-    for params, words in (({"revised": ["liver"]}, "not supported on a DICOMweb"), ({"revised": ["brain"]}, "brain")):
-        with pytest.raises(HTTPException) as e:
-            ds.save_label("1.2.3", "/nonexistent.nii.gz", "final", params)
-        assert e.value.status_code == 422 and words in e.value.detail
-    with pytest.raises(Exception) as e:  # a whole-volume save goes on to the PACS (and fails here)
-        ds.save_label("1.2.3", "/nonexistent.nii.gz", "final", {"revised": LABEL_SETS["atlas25"]})
-    assert not isinstance(e.value, HTTPException) or e.value.status_code != 422
+    studies, label = tiny_studies(tmp_path, n=1)
+
+    class Pacs:  # what DICOMWebDatastore asks of its client before any request
+        base_url = "http://pacs.invalid/dicom-web"
+
+    cache = tmp_path / "cache" / md5_digest(Pacs.base_url)
+    (cache / "im0").mkdir(parents=True)
+    (cache / "im0" / "1.dcm").write_bytes(b"")  # the series as downloaded: nothing to fetch
+    shutil.copyfile(studies / "im0.nii.gz", cache / "im0.nii.gz")
+    uploads = []
+
+    def seg_file(image_dir, label, info):  # MONAI Label deletes it once uploaded
+        (tmp_path / "seg.dcm").write_bytes(b"")
+        return str(tmp_path / "seg.dcm")
+
+    monkeypatch.setattr(monailabel_dicom, "nifti_to_dicom_seg", seg_file)
+    monkeypatch.setattr(monailabel_dicom, "dicom_web_upload_dcm", lambda f, client: uploads.append(f) or "1.2.3.4")
+    ds = CheckedDICOMWebDatastore(Pacs(), {}, cache_path=str(tmp_path / "cache")).set_labels(
+        label_dict(LABEL_SETS["atlas25"])
+    )
+    ds.handouts = lambda client, image: ["liver", "spleen"] if (client, image) == ("annotator-1", "im0") else None
+    return ds, label, uploads
+
+
+def test_dicomweb_records_a_partial_revision_as_sent_and_refuses_unknown_organs_before_the_pacs(tmp_path, monkeypatch):
+    import pytest
+    from fastapi import HTTPException
+
+    ds, label, uploads = _dicomweb_on_a_fake_pacs(tmp_path, monkeypatch)
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("im0", label, "final", {"client_id": "annotator-1", "revised": ["liver", "brain"]})
+    assert e.value.status_code == 422 and "brain" in e.value.detail and uploads == []
+
+    def revised():
+        organs = ds.get_label_info("im0", "final")["organs"]
+        return sorted(n for n, r in organs.items() if r["state"] == "revised")
+
+    # Named: exactly those organs, though others were handed out to the annotator (the param overrides).
+    ds.save_label("im0", label, "final", {"client_id": "annotator-1", "revised": ["pancreas", "liver"]})
+    assert len(uploads) == 1, "the label did not go to the PACS"
+    assert revised() == ["liver", "pancreas"]
+    assert "revised_from" not in ds.get_label_info("im0", "final")
+    # Named none: the organs handed out (no pre-annotation was served to compare with).
+    ds.save_label("im0", label, "final", {"client_id": "annotator-1"})
+    assert revised() == ["liver", "spleen"]
+    assert ds.get_label_info("im0", "final")["revised_from"] == {"handed_out": ["liver", "spleen"], "changed": None}
+    # Every organ named: a whole-volume revision, no organ records, as before.
+    ds.save_label("im0", label, "final", {"client_id": "annotator-1", "revised": list(ds.label_names.values())})
+    assert "organs" not in ds.get_label_info("im0", "final") and len(uploads) == 3
 
 
 def test_a_reconcile_in_another_process_does_not_erase_a_label_saved_meanwhile(tmp_path):
