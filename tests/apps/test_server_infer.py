@@ -41,6 +41,7 @@ def server(tmp_path_factory):
         str(studies),
         {
             "models": "all",
+            "importance_mode": "reference",  # the AbdomenAtlas-8K score this test was written for
             "weights_dir": str(weights),
             "model_dir": str(work / "model"),
             "use_pretrained_model": "false",

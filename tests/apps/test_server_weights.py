@@ -20,7 +20,7 @@ def test_server_downloads_available_weights_and_starts_without_the_rest(tmp_path
     model_dir = tmp_path / "model"
     srv = Server(
         str(tmp_path / "studies"),
-        {"models": "all", "model_dir": str(model_dir)},
+        {"models": "all", "model_dir": str(model_dir), "importance_mode": "reference"},
         str(tmp_path),
         env={"HF_ENDPOINT": hub.url},
     )
