@@ -227,3 +227,22 @@ def loaded_orthanc(work: str, series_dir: str, copies: int = 1):
         yield o
     finally:
         o.stop()
+
+
+def trainer_view(cache_path, organs) -> Dict[str, List[str]]:
+    """``revised_by_image`` of the app's DICOMweb datastore on a server's cache folder
+    (``MONAI_LABEL_DICOMWEB_CACHE_PATH``), as a round reads it, by series UID: the organs the trainer masks
+    its loss with. A copy is read: opening a datastore may write its record."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.classes import label_dict
+    from lib.datastore.dicomweb import CheckedDICOMWebDatastore
+
+    (folder,) = [p for p in glob.glob(os.path.join(str(cache_path), "*")) if os.path.isdir(p) and not p.endswith("-read")]
+    copy = folder + "-read"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    ds = object.__new__(CheckedDICOMWebDatastore)
+    LocalDatastore.__init__(ds, copy, auto_reload=False)
+    ds.set_labels(label_dict(organs))
+    return {os.path.basename(p)[: -len(".nii.gz")]: sorted(v) for p, v in ds.revised_by_image().items()}

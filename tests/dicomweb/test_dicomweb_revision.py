@@ -4,14 +4,14 @@ A final label that names no organs counts as revised the organs Next Sample hand
 the organs changed against the pre-annotation served for it: saved through MONAI Label's client with its
 own ``label_info`` (3D Slicer's way), or stored straight in the PACS as a DICOM SEG by STOW through the
 server's /proxy/dicom, as OHIF's export does, after a Next Sample that said nobody (OHIF's panel). A save
-without a hand-out stays a whole-volume revision. The PACS holds two copies of the shared series.
+without a hand-out stays a whole-volume revision; a save naming some organs (``revised``) records exactly
+those. The PACS holds two copies of the shared series.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import urllib.request
 
@@ -19,9 +19,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 
-from dicomweb_support import loaded_orthanc, orthanc_missing
-from lib.classes import CLASS_INDEX, LABEL_SETS, label_dict
+from dicomweb_support import loaded_orthanc, orthanc_missing, trainer_view
+from lib.classes import CLASS_INDEX, LABEL_SETS
 from lib.importance.records import INFO_KEY, is_scored
 from support import Server, shared_path, write_synthetic_checkpoint
 
@@ -115,7 +116,9 @@ def _label_info(lab):
     return [{"name": NAMES[int(v)], "idx": int(v)} for v in np.unique(lab) if v]
 
 
-def test_a_save_naming_no_organs_counts_the_organs_handed_out_and_changed(server, orthanc, scored, tmp_path):
+def test_a_save_naming_no_organs_counts_the_organs_handed_out_and_changed_and_one_naming_some_records_them(
+    server, orthanc, scored, tmp_path
+):
     ann = MONAILabelClient(server.url, client_id="annotator-1", tmpdir=str(tmp_path))
     got = ann.next_sample("importance", {})
     image, handed = got["id"], got["organs"]
@@ -134,6 +137,16 @@ def test_a_save_naming_no_organs_counts_the_organs_handed_out_and_changed(server
     MONAILabelClient(server.url, client_id="annotator-9").save_label(image, path, tag="final", params={})
     info = _final_info(server, image)
     assert "organs" not in info and "revised_from" not in info, info
+
+    # The annotator who holds the hand-out names the revised organs: recorded as sent, overriding the
+    # organs handed out and changed; a name outside the label set is refused, naming it.
+    named = [n for n in ORGANS if n not in handed and n != drawn][:1]
+    ann.save_label(image, path, tag="final", params={"label_info": _label_info(lab), "revised": named})
+    info = _final_info(server, image)
+    assert _revised(info) == named and "revised_from" not in info, info["organs"]
+    with pytest.raises(MONAILabelClientException) as refused:
+        ann.save_label(image, path, tag="final", params={"revised": named + ["brain"]})
+    assert "Status: 422" in refused.value.msg and "label set: brain" in refused.value.msg, refused.value.msg
 
 
 def _stow_as_ohif(server, orthanc, image, path, lab, monkeypatch):
@@ -177,16 +190,5 @@ def test_a_seg_stored_in_the_pacs_after_an_anonymous_next_sample_is_read_with_th
 
 
 def _trainer_view(server):
-    """``revised_by_image`` of the app's DICOMweb datastore on the server's cache (as a round reads it),
-    by series UID."""
-    from monailabel.datastore.local import LocalDatastore
-
-    from lib.datastore.dicomweb import CheckedDICOMWebDatastore
-
-    (folder,) = [p for p in server.cache.iterdir() if p.is_dir()]
-    copy = str(folder) + "-read"  # read a copy: opening a datastore may write its record
-    shutil.copytree(folder, copy)
-    ds = object.__new__(CheckedDICOMWebDatastore)
-    LocalDatastore.__init__(ds, copy, auto_reload=False)
-    ds.set_labels(label_dict(ORGANS))
-    return {os.path.basename(p)[: -len(".nii.gz")]: sorted(v) for p, v in ds.revised_by_image().items()}
+    """What the trainer masks its loss with, by series UID (``dicomweb_support.trainer_view``)."""
+    return trainer_view(server.cache, ORGANS)
