@@ -37,6 +37,12 @@ CHROMIUM_FLAGS = [
 ]
 
 
+_KEEP_REJECTIONS = (
+    "window.__unhandledRejections = []; window.addEventListener('unhandledrejection', e =>"
+    " window.__unhandledRejections.push(String((e.reason && e.reason.stack) || e.reason)));"
+)
+
+
 def chromium_binary() -> Optional[str]:
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
@@ -76,6 +82,7 @@ class Browser:
         ]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.errors: List[str] = []  # the page's uncaught exceptions and console errors
+        self.dialogs: List[str] = []  # messages of the JavaScript dialogs (confirm, alert) accepted
         self._ids = itertools.count(1)
         try:
             port = self._devtools_port(timeout)
@@ -89,6 +96,8 @@ class Browser:
             )
             self.send("Page.enable")
             self.send("Runtime.enable")
+            # Promise rejections nobody handles: the page's own handlers keep them from DevTools' exceptions.
+            self.send("Page.addScriptToEvaluateOnNewDocument", source=_KEEP_REJECTIONS)
             # A fixed page size, one device pixel per CSS pixel: screenshot pixels = page coordinates.
             self.send(
                 "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
@@ -115,7 +124,8 @@ class Browser:
 
     # --- DevTools -----------------------------------------------------------------------------------
     def send(self, method: str, **params: Any) -> Dict:
-        """One DevTools command; its result. Events that arrive meanwhile are kept only as page errors."""
+        """One DevTools command; its result. Events that arrive meanwhile are kept only as page errors, and
+        a JavaScript dialog (``window.confirm``) the page opens is accepted, as a person pressing OK."""
         i = next(self._ids)
         self.ws.send(json.dumps({"id": i, "method": method, "params": params}))
         while True:
@@ -124,6 +134,10 @@ class Browser:
                 if "error" in msg:
                     raise RuntimeError(f"DevTools {method}: {msg['error']}")
                 return msg.get("result", {})
+            if msg.get("method") == "Page.javascriptDialogOpening":  # the page waits until it is answered
+                self.dialogs.append(msg.get("params", {}).get("message", ""))
+                answer = {"id": next(self._ids), "method": "Page.handleJavaScriptDialog", "params": {"accept": True}}
+                self.ws.send(json.dumps(answer))
             self._keep_error(msg)
 
     def _keep_error(self, msg: Dict):
@@ -135,6 +149,10 @@ class Browser:
             args = [str(a.get("value", a.get("description", ""))) for a in p.get("args", [])]
             self.errors.append("console.error: " + " ".join(args)[:300])
         del self.errors[:-50]
+
+    def rejections(self) -> List[str]:
+        """The page's promise rejections that nothing handled (since its last load), as text."""
+        return self.evaluate("window.__unhandledRejections || []") or []
 
     def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression in the page (promises awaited)."""
@@ -175,10 +193,62 @@ class Browser:
         if not r:
             raise RuntimeError(f"nothing to click: no element matches {selector!r}")
         x, y = r[0] + r[2] / 2, r[1] + r[3] / 2
+        if clicks == 1:
+            return self.click_at(x, y)
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         for n in range(1, clicks + 1):
             self.send("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=n)
             self.send("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", clickCount=n)
+
+    def click_text(self, selector: str, text: str):
+        """A mouse click on the first visible element matching ``selector`` whose text is ``text``."""
+        r = self.evaluate(
+            "(() => { const e = Array.from(document.querySelectorAll(%s)).find(e => e.offsetParent !== null"
+            " && e.innerText.trim() === %s); if (!e) return null; e.scrollIntoView({block: 'nearest'});"
+            " const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()"
+            % (json.dumps(selector), json.dumps(text))
+        )
+        if not r:
+            raise RuntimeError(f"nothing to click: no visible {selector!r} reads {text!r}")
+        self.click_at(r[0] + r[2] / 2, r[1] + r[3] / 2)
+
+    def click_at(self, x: float, y: float):
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        self.send("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=1)
+        self.send("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", clickCount=1)
+
+    def type_text(self, text: str):
+        """Types ``text`` into the focused element, as a keyboard does (input events, no key codes)."""
+        self.send("Input.insertText", text=text)
+
+    def press(self, key: str):
+        """One press of ``key``: ``ArrowUp``, ``ArrowDown``, ``Enter`` or ``Tab``."""
+        code = {"ArrowUp": 38, "ArrowDown": 40, "Enter": 13, "Tab": 9}[key]
+        for kind in ("rawKeyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code)
+
+    def choose(self, select: str, value: str):
+        """Picks option ``value`` of the <select> matching ``select`` from the keyboard (focus, arrow keys),
+        as a person does: the browser fires its change event."""
+        options = self.evaluate(
+            "Array.from(document.querySelector(%s).options).map(o => o.value)" % json.dumps(select)
+        )
+        if value not in options:
+            raise RuntimeError(f"{select!r} offers {options}, not {value!r}")
+        focus = "(() => { const s = document.querySelector(%s); s.focus(); return s.value; })()"
+        now = self.evaluate(focus % json.dumps(select))
+        steps = options.index(value) - options.index(now)
+        for _ in range(abs(steps)):
+            self.press("ArrowDown" if steps > 0 else "ArrowUp")
+        chosen = self.evaluate("document.querySelector(%s).value" % json.dumps(select))
+        if chosen != value:
+            raise RuntimeError(f"{select!r} shows {chosen!r} after the arrow keys, not {value!r}")
+
+    def requests_to(self, part: str) -> List[str]:
+        """URLs the page has fetched (its resource timing entries) that contain ``part``, oldest first."""
+        return self.evaluate(
+            "performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes(%s))" % json.dumps(part)
+        )
 
     def screenshot(self, path: str) -> str:
         """The page as a PNG file at ``path``."""

@@ -6,21 +6,29 @@ driven over the DevTools protocol (tests/ohif_support.py). The study list must s
 the viewer to it; the viewer (/ohif/viewer?StudyInstanceUIDs=...) must draw the series' own pixels where
 its world-to-canvas mapping puts them; and a label saved through MONAI Label must come back from Orthanc
 as a DICOM SEG that OHIF lists under the app's segment names and tints onto the SEG's pixels of the
-shown slice. Screenshots stay in the test's temporary folder and are named in failure messages."""
+shown slice. Screenshots stay in the test's temporary folder and are named in failure messages.
+
+The server hands out organs (``organs_per_sample 2``), and the last test drives an OHIF annotator's round
+of organ-level revision through OHIF's MONAI Label panel; it stops, xfail, where that panel (as MONAI Label
+0.8.5 bundles it) cannot go on, saying why: it does not connect to this app (``/info/`` labels), and its
+Strategy list never leaves ``random``. Orthanc holds two studies of the series (the second for Next Sample)."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import time
 import urllib.request
+from typing import Dict, List
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from dicomweb_support import loaded_orthanc, orthanc_missing
+from dicomweb_support import loaded_orthanc, orthanc_missing, trainer_view
 from lib.classes import CLASS_INDEX, LABEL_SETS, TOTALSEG_TO_SUPREM, mapping_lut
+from lib.importance.records import INFO_KEY, is_scored
 from ohif_support import (
     Browser,
     chromium_missing,
@@ -51,7 +59,8 @@ def orthanc(tmp_path_factory):
     import pydicom
 
     series_dir = shared_path("data", "totalseg-example", "dicom")
-    with loaded_orthanc(str(tmp_path_factory.mktemp("orthanc")), series_dir) as o:
+    # Two studies of the series: the app's saved label goes to the first; the second stays for Next Sample.
+    with loaded_orthanc(str(tmp_path_factory.mktemp("orthanc")), series_dir, copies=2) as o:
         o.series_description = str(pydicom.dcmread(o.files[0], stop_before_pixels=True).SeriesDescription)
         yield o
 
@@ -67,10 +76,13 @@ def server(orthanc, tmp_path_factory):
             "weights_dir": str(work / "weights"),
             "model_dir": str(work / "model"),
             "use_pretrained_model": "false",
+            "overlap": "0",
+            "organs_per_sample": "2",  # organ-level hand-outs (test_ohif_panel_...)
         },
         str(work),
         env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicom-cache")},
     )
+    srv.cache = work / "dicom-cache"
     try:
         yield srv.wait_ready()
     finally:
@@ -295,3 +307,182 @@ def test_ohif_viewer_draws_and_lists_the_dicom_seg_saved_by_the_app(browser, ser
     assert rows == want, f"OHIF lists {rows}, the saved label has {want} (screenshot: {panel})"
     tint = colored(crop(panel, browser.rect(VIEWPORT))).mean()
     assert tint >= 0.01, f"the overlay is gone with the panel open ({tint:.2%} coloured): {panel}"
+
+
+# --- organ-level revision from OHIF's MONAI Label panel (the monai-label mode) -----------------------------
+
+ORGANS = LABEL_SETS["atlas25"]
+PANEL = ".monaiLabelPanel"
+# The panel's React props (OHIF's services and commands), from its DOM node: the mode gives the page no
+# other handle on them.
+PANEL_PROPS = (
+    "(() => { const el = document.querySelector('.monaiLabelPanel'); let f = el[Object.keys(el).find(k =>"
+    " k.startsWith('__reactFiber'))]; while (f && !(f.memoizedProps && f.memoizedProps.commandsManager))"
+    " f = f.return; return f.memoizedProps; })()"
+)
+LABELMAP = f"{PANEL_PROPS}.servicesManager.services.segmentationService"
+
+
+@pytest.fixture(scope="module")
+def scored(server):
+    """The unlabelled series scored (the server's own scoring, run to its end), so Next Sample names organs:
+    series UID -> importance record."""
+    from monailabel.client import MONAILabelClient
+
+    request = urllib.request.Request(server.url + "/scoring/importance?run_sync=true", data=b"{}", method="POST")
+    request.add_header("Content-Type", "application/json")
+    urllib.request.urlopen(request, timeout=600).read()
+    objects = MONAILabelClient(server.url).datastore()["objects"]
+    records = {i: (o.get("image", {}).get("info", {}).get(INFO_KEY) or {}) for i, o in objects.items()}
+    records = {i: r for i, r in records.items() if is_scored(r)}
+    assert records and all(len(r["organs"]) >= 2 for r in records.values()), records
+    return records
+
+
+def _open_panel(browser: Browser, server, study_uid: str):
+    """OHIF's MONAI Label mode on the study, its panel connected to the test server as an annotator does it:
+    the server's URL typed into the panel's Server field, then its connect button."""
+    browser.navigate(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
+    browser.wait_for("!!document.getElementById('monailabelServerURL')", "the MONAI Label panel's Server field")
+    browser.wait_for("!!(window.cornerstone && cornerstone.getEnabledElements().length)", "the viewports")
+    _dismiss_banner(browser)
+    browser.click("#monailabelServerURL")
+    browser.evaluate("document.getElementById('monailabelServerURL').select()")
+    browser.type_text(server.url + "/")
+    browser.click(f"{PANEL} .settingsTable button")  # the field loses focus first: the panel takes the URL
+    _wait(
+        lambda: browser.evaluate(f"document.querySelector('{PANEL}').innerText.includes('Active Learning')"),
+        "the panel connected (its Active Learning tab)",
+        browser,
+        blocker=(
+            "all_labels.push is not a function",
+            "OHIF's MONAI Label panel cannot connect to this app: its onInfo calls /info/'s labels.push(), and the "
+            "app gives /info/ `labels` as a dict of name -> index (apps/suprem/main.py, labels=label_dict)",
+        ),
+    )
+
+
+def _wait(ready, what: str, browser: Browser, timeout: float = 120.0, blocker=None):
+    """Polls ``ready()`` until it is truthy; fails after ``timeout`` s. ``blocker`` = (page error, why): a
+    known fault of the page that stops the flow there marks the test xfail with why, not a failure."""
+    end = time.time() + timeout
+    while True:
+        if ready():
+            return
+        errors = browser.errors + browser.rejections()
+        if blocker and any(blocker[0] in e for e in errors):
+            pytest.xfail(f"{blocker[1]} (page error: {[e for e in errors if blocker[0] in e][-1][:200]})")
+        assert time.time() < end, f"{what}: not seen after {timeout:.0f} s; page errors: {errors[-5:]}"
+        time.sleep(1.0)
+
+
+def _next_sample(browser: Browser, strategy: str) -> Dict[str, str]:
+    """Next Sample pressed in the panel's Active Learning tab with ``strategy`` chosen in its Strategy list:
+    the fields of OHIF's Next Sample dialog (``Study Instance UID``, ``Series Instance UID``, ...)."""
+    if not browser.evaluate(f"document.querySelector('{PANEL} .tab-switch[name=activelearning]').checked"):
+        browser.click_text(f"{PANEL} label.tab-label", "Active Learning")
+    browser.choose(f"{PANEL} select", strategy)  # the tab's Strategy list is the panel's first
+    asked = len(browser.requests_to("/activelearning/"))
+    browser.click_text(f"{PANEL} button", "Next Sample")
+    text = browser.wait_for("document.querySelector('.nextSampleForm')?.innerText", "OHIF's Next Sample dialog", 120)
+    url = browser.requests_to("/activelearning/")[asked:]
+    if url and url[-1].endswith("/activelearning/random") and strategy != "random":
+        pytest.xfail(
+            f"OHIF's MONAI Label panel asked {url[-1]} with {strategy!r} chosen: its Strategy list's onChange is "
+            "this.onChangeStrategy, which MONAI Label 0.8.5's bundled panel never defines (state stays 'random')"
+        )
+    assert url and url[-1].endswith(f"/activelearning/{strategy}"), url
+    rows = [line.split("\t") for line in text.split("\n")]
+    return {r[0].strip(): r[1].strip() for r in rows if len(r) == 2}
+
+
+def _labelled_voxels(browser: Browser) -> int:
+    return browser.evaluate(
+        f"(() => {{ const v = {LABELMAP}.getLabelmapVolume('1'); if (!v) return 0;"
+        " const d = v.voxelManager.getCompleteScalarDataArray(); let n = 0;"
+        " for (let i = 0; i < d.length; i++) if (d[i]) n++; return n; })()"
+    )
+
+
+def _run_model(browser: Browser, model: str):
+    """Auto-Segmentation's Run with ``model``: the model's label of the study's image drawn in OHIF."""
+    if not browser.evaluate(f"document.querySelector('{PANEL} .tab-switch[value=segmentation]').checked"):
+        browser.click_text(f"{PANEL} label.tab-label", "Auto-Segmentation")
+    chosen = browser.evaluate(f"document.querySelectorAll('{PANEL} select')[1].value")
+    assert chosen == model, f"Auto-Segmentation offers {chosen!r} first"
+    browser.click_text(f"{PANEL} button", "Run")
+    _wait(lambda: _labelled_voxels(browser), f"{model}'s label drawn after Run", browser, 300)
+
+
+def _draw(browser: Browser, organ: str, voxels: int = 500) -> int:
+    """The annotator's fix: ``organ`` drawn on ``voxels`` background voxels of OHIF's segmentation (its
+    segment of that name), set in its labelmap from the page as a brush stroke sets them (the monai-label
+    mode shows no brush tools). Returns the voxels drawn."""
+    return browser.evaluate(
+        f"(() => {{ const s = {LABELMAP}; const seg = s.getSegmentation('1');"
+        f" const idx = Number(Object.entries(seg.segments).find(([k, v]) => v.label === {json.dumps(organ)})[0]);"
+        " const vol = s.getLabelmapVolume('1'); const d = vol.voxelManager.getCompleteScalarDataArray();"
+        f" let n = 0; for (let i = 0; i < d.length && n < {voxels}; i++) if (!d[i]) {{ d[i] = idx; n++; }}"
+        " vol.voxelManager.setCompleteScalarDataArray(d); cornerstone.triggerEvent(cornerstone.eventTarget,"
+        " cornerstoneTools.Enums.Events.SEGMENTATION_DATA_MODIFIED, {segmentationId: '1'}); return n; })()"
+    )
+
+
+def _export_seg(browser: Browser, orthanc, name: str):
+    """OHIF's own DICOM SEG export of the segmentation to the PACS (STOW through the server's /proxy/dicom):
+    the command its segmentation panel's "Export DICOM SEG" runs (the monai-label mode shows no segmentation
+    panel, so the command is run from the page), then its report-name dialog filled in and saved."""
+    segs = len(orthanc.find_series(Modality="SEG"))
+    browser.evaluate(
+        f"(() => {{ const p = {PANEL_PROPS}; window.__stored = 'pending';"
+        " p.commandsManager.runCommand('storeSegmentation', {segmentationId: '1'}, 'CORNERSTONE')"
+        ".then(() => { window.__stored = 'done'; }, e => { window.__stored = 'failed: ' + e; }); return 1; })()"
+    )
+    browser.wait_for("!!document.querySelector('.DraggableItem input')", "OHIF's report-name dialog")
+    browser.click(".DraggableItem input")
+    browser.type_text(name)
+    browser.click(".DraggableItem button[data-cy=Save-btn]")
+    stored = browser.wait_for("window.__stored !== 'pending' && window.__stored", "the SEG export's end", 120)
+    assert stored == "done", stored
+    assert len(orthanc.find_series(Modality="SEG")) == segs + 1, "OHIF's export stored no SEG in the PACS"
+
+
+def _final_info(server, image_id) -> Dict:
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(server.url).datastore()["objects"][image_id]["labels"]["final"]["info"]
+
+
+def _revised(info) -> List[str]:
+    return sorted(n for n, r in (info.get("organs") or {}).items() if r["state"] == "revised")
+
+
+@pytest.mark.timeout(900)  # the series scored and a model run on it, on a CPU
+def test_ohif_panel_next_sample_and_seg_export_record_the_organs_handed_out_and_changed(
+    browser, server, orthanc, scored, shots
+):
+    """An OHIF annotator's round in the MONAI Label mode: connect the panel, choose ``importance``, Next
+    Sample, open the image it names, run ``segresnet``, fix one organ, export the DICOM SEG to the PACS,
+    Next Sample again. The final label then has as revised exactly the organs handed out (no client id:
+    OHIF's panel sends none) and the organ changed against the served pre-annotation, as the trainer sees."""
+    try:
+        _open_panel(browser, server, orthanc.study_uid)
+        form = _next_sample(browser, "importance")
+        image, study = form["Series Instance UID"], form["Study Instance UID"]
+        assert image in scored, f"Next Sample named {image}, not an unlabelled scored series: {form}"
+        handed = scored[image]["organs"][:2]
+        # OK reloads OHIF on the study the dialog names (after its confirm, which the browser accepts).
+        browser.click(".nextSampleForm button")
+        browser.wait_for(f"location.href.endsWith({json.dumps(study)})", "OHIF reloaded on the study handed out")
+        _open_panel(browser, server, study)
+        _run_model(browser, "segresnet")
+        drawn = next(n for n in ORGANS if n not in handed)
+        assert _draw(browser, drawn) == 500
+        _export_seg(browser, orthanc, "organ revision")
+        _next_sample(browser, "importance")  # reads the SEG while the hand-out is open
+    finally:
+        browser.screenshot(str(shots / "panel-revision.png"))
+    info = _final_info(server, image)
+    assert _revised(info) == sorted(handed + [drawn]), (info.get("organs"), server.log_tail(20))
+    assert info["revised_from"] == {"handed_out": handed, "changed": [drawn]}
+    assert trainer_view(server.cache, ORGANS)[image] == sorted(handed + [drawn])
