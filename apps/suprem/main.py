@@ -38,7 +38,9 @@ class SuPreMApp(MONAILabelApp):
             description="SuPreM backbones (U-Net, Swin UNETR, SegResNet) for 25 abdominal structures, "
             "with AbdomenAtlas-8K importance ranking",
             version="0.1.0",
-            labels=self.tasks.label_dict,
+            # Names in class-index order, as MONAI Label lists an app's labels itself (OHIF's panel appends
+            # to this list; the per-model name -> index dicts stay in each model's info).
+            labels=sorted(self.tasks.label_dict, key=self.tasks.label_dict.get),
         )
         stop_on_signals(self.on_stop_signal)
 

@@ -352,13 +352,8 @@ def _open_panel(browser: Browser, server, study_uid: str):
     browser.click(f"{PANEL} .settingsTable button")  # the field loses focus first: the panel takes the URL
     _wait(
         lambda: browser.evaluate(f"document.querySelector('{PANEL}').innerText.includes('Active Learning')"),
-        "the panel connected (its Active Learning tab)",
+        "the panel connected (its Active Learning tab; it appends to /info/'s labels, which must be a list)",
         browser,
-        blocker=(
-            "all_labels.push is not a function",
-            "OHIF's MONAI Label panel cannot connect to this app: its onInfo calls /info/'s labels.push(), and the "
-            "app gives /info/ `labels` as a dict of name -> index (apps/suprem/main.py, labels=label_dict)",
-        ),
     )
 
 
