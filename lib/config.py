@@ -102,7 +102,7 @@ class AppConfig:
     train_gpus: str = "all"
     pseudo_weight: float = 0.0
     organs_per_sample: int = 0
-    importance_mode: str = "reference"  # "calibrated": lib.importance.calibrated
+    importance_mode: str = "calibrated"  # lib.importance.calibrated; "reference": the AbdomenAtlas-8K score
     band_mm: float = 6.0  # calibrated mode: half-width of the border band (mm)
     opening_mm: float = 0.0  # calibrated mode: thinnest uncertain structure kept (mm; 0: no opening)
     diversity_temperature: float = 0.0  # Next Sample's batch noise at round 0 (0: the top of one sorted list)
@@ -206,7 +206,8 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         train_gpus=str(conf.get("train_gpus", "all")),
         pseudo_weight=_number(conf, "pseudo_weight", float, 0.0),  # loss weight of organs nobody revised
         organs_per_sample=_number(conf, "organs_per_sample", int, 0),  # organs Next Sample names (0: all)
-        importance_mode=_choice(conf, "importance_mode", ("reference", "calibrated")),
+        # Calibrated by default: it ranks better in the loop benchmark (bench/RESULTS.md, issues 21, 22, 24).
+        importance_mode=_choice(conf, "importance_mode", ("calibrated", "reference")),
         band_mm=_non_negative(conf, "band_mm", 6.0),
         opening_mm=_non_negative(conf, "opening_mm", 0.0),
         diversity_temperature=_non_negative(conf, "diversity_temperature", 0.0),

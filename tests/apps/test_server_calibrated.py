@@ -1,5 +1,6 @@
-"""The calibrated importance mode and the diverse batch through a real server: one ``--conf`` key
-switches the scoring task, its records say so, and Next Sample names organs by the calibrated gain."""
+"""The calibrated importance mode (the default; ``--conf importance_mode reference`` is the other) and the
+diverse batch through a real server: the scoring task's records say which mode made them, and Next Sample
+names organs by the calibrated gain."""
 
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ def test_the_calibrated_mode_scores_ranks_and_names_organs_by_its_gain(tmp_path)
             "model_dir": str(tmp_path / "model"),
             "use_pretrained_model": "false",
             "overlap": "0",
-            "importance_mode": "calibrated",
             "diversity_temperature": "1.0",
         },
         str(tmp_path),

@@ -49,6 +49,7 @@ def server(orthanc, tmp_path_factory):
     write_synthetic_checkpoint("segresnet", str(work / "weights" / "supervised_suprem_segresnet_2100.pth"))
     conf = {
         "models": "segresnet",
+        "importance_mode": "reference",  # the AbdomenAtlas-8K score this test was written for
         "weights_dir": str(work / "weights"),
         "model_dir": str(work / "model"),
         "use_pretrained_model": "false",

@@ -149,7 +149,8 @@ def test_one_conf_key_chooses_the_mode_for_the_server_and_the_offline_ranking():
     from lib.importance.configured import volume_scorer
     from lib.importance.scorer import FixedWeights
 
-    assert parse_conf({}).importance_mode == "reference"
+    assert parse_conf({}).importance_mode == "calibrated"  # the default since the loop benchmark (issue 22)
+    assert parse_conf({"importance_mode": "reference"}).importance_mode == "reference"
     cfg = parse_conf({"importance_mode": "calibrated", "band_mm": "4.5", "opening_mm": "7.5", "models": "segresnet"})
     scorer = volume_scorer(cfg, FixedWeights({}))
     assert (scorer.mode, scorer.band_mm, scorer.opening_mm) == ("calibrated", 4.5, 7.5)

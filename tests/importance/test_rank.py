@@ -34,7 +34,8 @@ def test_rank_writes_a_priority_csv_and_a_rerun_scores_only_what_changed(tmp_pat
     write_synthetic_checkpoint("segresnet", str(w / RELEASED_FILES["segresnet"]))
     out = str(tmp_path / "ranking.csv")
     args = [str(studies), "--out", out, "--models", "segresnet", "--weights-dir", str(w),
-            "--model-dir", str(tmp_path / "m"), "--preset", "demo", "--overlap", "0", "--no-progress"]
+            "--model-dir", str(tmp_path / "m"), "--preset", "demo", "--overlap", "0", "--no-progress",
+            "--conf", "importance_mode", "reference"]  # the method record below is the reference's
     assert main(args) == 0  # any of the server's presets (demo: the offline demo's starter weights' grid)
     rows = _read(out)
     assert [r["id"] for r in rows][-1] == "bad" and "could not read" in rows[-1]["error"]
