@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 
-from dicomweb_support import loaded_orthanc, orthanc_missing
+from dicomweb_support import dicomweb_server, loaded_orthanc, orthanc_missing
 from lib.classes import CLASS_INDEX, LABEL_SETS, TOTALSEG_TO_SUPREM, mapping_lut
-from support import Server, shared_path, write_synthetic_checkpoint
+from support import shared_path
 
 pytestmark = [
     pytest.mark.server,
@@ -45,27 +45,9 @@ def orthanc(series_dir, tmp_path_factory):
         yield o
 
 
-def _server(orthanc, work):
-    write_synthetic_checkpoint("segresnet", str(work / "weights" / "supervised_suprem_segresnet_2100.pth"))
-    return Server(
-        orthanc.dicomweb,
-        {
-            "models": "segresnet",
-            "importance_mode": "reference",  # the AbdomenAtlas-8K score this test was written for
-            "weights_dir": str(work / "weights"),
-            "model_dir": str(work / "model"),
-            "use_pretrained_model": "false",
-            "overlap": "0",
-        },
-        str(work),
-        # The series' cache (DICOM files and their NIfTI) in the test's folder, not ~/.cache.
-        env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicom-cache")},
-    )
-
-
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
-    srv = _server(orthanc, tmp_path_factory.mktemp("server"))
+    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("server"))
     try:
         yield srv.wait_ready()
     except Exception:
@@ -280,7 +262,7 @@ def test_dicom_seg_has_the_series_geometry_and_the_label_voxels(saved, orthanc):
 def fresh_server(saved, orthanc, tmp_path_factory):
     """A second server on the same Orthanc with an empty cache (another machine, or a new cache folder):
     it knows the final label only as the DICOM SEG in Orthanc."""
-    srv = _server(orthanc, tmp_path_factory.mktemp("fresh"))
+    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("fresh"))
     try:
         yield srv.wait_ready()
     finally:

@@ -21,10 +21,10 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from dicomweb_support import loaded_orthanc, orthanc_missing, trainer_view
+from dicomweb_support import dicomweb_server, loaded_orthanc, orthanc_missing, trainer_view
 from lib.classes import CLASS_INDEX, LABEL_SETS
 from lib.importance.records import INFO_KEY, is_scored
-from support import Server, shared_path, write_synthetic_checkpoint
+from support import shared_path
 
 pytestmark = [
     pytest.mark.server,
@@ -45,20 +45,8 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
-    work = tmp_path_factory.mktemp("server")
-    write_synthetic_checkpoint("segresnet", str(work / "weights" / "supervised_suprem_segresnet_2100.pth"))
-    conf = {
-        "models": "segresnet",
-        "importance_mode": "reference",  # the AbdomenAtlas-8K score this test was written for
-        "weights_dir": str(work / "weights"),
-        "model_dir": str(work / "model"),
-        "use_pretrained_model": "false",
-        "overlap": "0",
-        "organs_per_sample": "2",
-    }
-    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicom-cache"), "MONAI_LABEL_TASKS_TRAIN": "false"}
-    srv = Server(orthanc.dicomweb, conf, str(work), env=env)
-    srv.cache = work / "dicom-cache"
+    env = {"MONAI_LABEL_TASKS_TRAIN": "false"}
+    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("server"), env=env, organs_per_sample="2")
     try:
         yield srv.wait_ready()
     except Exception:

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dicomweb_support import loaded_orthanc, orthanc_missing, trainer_view
+from dicomweb_support import dicomweb_server, loaded_orthanc, orthanc_missing, trainer_view
 from lib.classes import CLASS_INDEX, LABEL_SETS, TOTALSEG_TO_SUPREM, mapping_lut
 from lib.importance.records import INFO_KEY, is_scored
 from ohif_support import (
@@ -39,7 +39,7 @@ from ohif_support import (
     page_affine,
     sample_on_page,
 )
-from support import Server, shared_path, write_synthetic_checkpoint
+from support import shared_path
 
 pytestmark = [
     pytest.mark.server,
@@ -67,23 +67,7 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
-    work = tmp_path_factory.mktemp("server")
-    write_synthetic_checkpoint("segresnet", str(work / "weights" / "supervised_suprem_segresnet_2100.pth"))
-    srv = Server(
-        orthanc.dicomweb,
-        {
-            "models": "segresnet",
-            "importance_mode": "reference",  # the AbdomenAtlas-8K score this test was written for
-            "weights_dir": str(work / "weights"),
-            "model_dir": str(work / "model"),
-            "use_pretrained_model": "false",
-            "overlap": "0",
-            "organs_per_sample": "2",  # organ-level hand-outs (test_ohif_panel_...)
-        },
-        str(work),
-        env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicom-cache")},
-    )
-    srv.cache = work / "dicom-cache"
+    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("server"), organs_per_sample="2")  # organ-level hand-outs
     try:
         yield srv.wait_ready()
     finally:
