@@ -248,11 +248,13 @@ def trainer_view(cache_path, organs) -> Dict[str, List[str]]:
     return {os.path.basename(p)[: -len(".nii.gz")]: sorted(v) for p, v in ds.revised_by_image().items()}
 
 
+@contextmanager
 def dicomweb_server(orthanc, work, env: Optional[Dict[str, str]] = None, **conf):
-    """A real ``monailabel start_server`` on Orthanc's DICOMweb, with a synthetic SegResNet, the reference
-    importance score the DICOMweb tests were written for, no overlap, and the series' cache (DICOM files
-    and their NIfTI) in ``work`` (``.cache``), not ~/.cache; ``conf`` adds or overrides ``--conf`` keys,
-    ``env`` the server's environment."""
+    """A real ``monailabel start_server`` on Orthanc's DICOMweb, ready, stopped at the end (Orthanc's log
+    printed if it does not start), with a synthetic SegResNet, the reference importance score the DICOMweb
+    tests were written for, no overlap, and the series' cache (DICOM files and their NIfTI) in ``work``
+    (``.cache``), not ~/.cache; ``conf`` adds or overrides ``--conf`` keys, ``env`` the server's
+    environment."""
     from support import Server, write_synthetic_checkpoint
 
     write_synthetic_checkpoint("segresnet", str(work / "weights" / "supervised_suprem_segresnet_2100.pth"))
@@ -268,4 +270,10 @@ def dicomweb_server(orthanc, work, env: Optional[Dict[str, str]] = None, **conf)
     env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicom-cache"), **(env or {})}
     srv = Server(orthanc.dicomweb, settings, str(work), env=env)
     srv.cache = work / "dicom-cache"
-    return srv
+    try:
+        yield srv.wait_ready()
+    except Exception:
+        print(orthanc.log_tail())
+        raise
+    finally:
+        srv.stop()

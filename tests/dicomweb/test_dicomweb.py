@@ -47,14 +47,8 @@ def orthanc(series_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
-    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("server"))
-    try:
-        yield srv.wait_ready()
-    except Exception:
-        print(orthanc.log_tail())
-        raise
-    finally:
-        srv.stop()
+    with dicomweb_server(orthanc, tmp_path_factory.mktemp("server")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -262,11 +256,8 @@ def test_dicom_seg_has_the_series_geometry_and_the_label_voxels(saved, orthanc):
 def fresh_server(saved, orthanc, tmp_path_factory):
     """A second server on the same Orthanc with an empty cache (another machine, or a new cache folder):
     it knows the final label only as the DICOM SEG in Orthanc."""
-    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("fresh"))
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    with dicomweb_server(orthanc, tmp_path_factory.mktemp("fresh")) as srv:
+        yield srv
 
 
 SEG_NUMBERS = (

@@ -46,14 +46,8 @@ def orthanc(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
     env = {"MONAI_LABEL_TASKS_TRAIN": "false"}
-    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("server"), env=env, organs_per_sample="2")
-    try:
-        yield srv.wait_ready()
-    except Exception:
-        print(orthanc.log_tail())
-        raise
-    finally:
-        srv.stop()
+    with dicomweb_server(orthanc, tmp_path_factory.mktemp("server"), env=env, organs_per_sample="2") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -67,11 +67,8 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
-    srv = dicomweb_server(orthanc, tmp_path_factory.mktemp("server"), organs_per_sample="2")  # organ-level hand-outs
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
+    with dicomweb_server(orthanc, tmp_path_factory.mktemp("server"), organs_per_sample="2") as srv:  # organ level
+        yield srv
 
 
 @pytest.fixture(scope="module")
