@@ -438,20 +438,20 @@ def revised_organs(picked: str) -> List[str]:
     return out
 
 
+def _organs(rows: List[Dict]) -> List[str]:
+    """The organs of the rows' per-organ Dice columns (``dice_<organ>``, as rounds.csv has them)."""
+    return [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+
+
 def organ_drift(rows: List[Dict], organs: Sequence[str]) -> Dict[Tuple[str, str], Dict]:
     """Organ-level arms: mean Dice (over seeds) of the organs revised at least once by the end, and of
     those never revised, at the start and after the last round; which organs were handed out how often.
     Unrevised organs learn only through the pseudo labels' weight and shared features: they must not drift."""
     out = {}
-    by_arm: Dict = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["revision"] == "organ":
-            by_arm[(r["strategy"], r["revision"])][int(r["seed"])].append(r)
-    for arm, seeds in by_arm.items():
+    for arm in dict.fromkeys((r["strategy"], r["revision"]) for r in rows if r["revision"] == "organ"):
         counts: Dict[str, int] = defaultdict(int)
         rev_start, rev_end, un_start, un_end = [], [], [], []
-        for seed_rows in seeds.values():
-            seed_rows.sort(key=lambda r: int(r["round"]))
+        for seed_rows in _arm_seeds(rows, arm).values():
             named = [o for r in seed_rows for o in revised_organs(r.get("picked", ""))]
             for o in named:
                 counts[o] += 1
@@ -473,7 +473,7 @@ def unrevised_change(rows: List[Dict], arm, n: int = 1000, seed: int = 0,
     """Change of the never-revised organs' mean test Dice from the start to the last round of an
     organ-level arm (per seed its own never-revised organs), with a bootstrap interval over seeds and,
     within a seed, its test volumes (the same draw for start and end). None without the tables."""
-    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    organs = _organs(rows)
     pairs = []
     for seed_rows in _arm_seeds(rows, arm).values():
         named = {o for r in seed_rows for o in revised_organs(r.get("picked", ""))}
@@ -512,7 +512,7 @@ def _arm_seeds(rows: List[Dict], arm) -> Dict[int, List[Dict]]:
 def revised_by_round(rows: List[Dict], arm) -> List[Tuple[int, float, float]]:
     """(round, mean Dice of the organs revised by then, of those not yet revised): means over seeds of
     the per-seed organ means (an organ counts as revised from the round its revision was trained on)."""
-    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    organs = _organs(rows)
     by_round: Dict[int, Tuple[List[float], List[float]]] = defaultdict(lambda: ([], []))
     for seed_rows in _arm_seeds(rows, arm).values():
         named: set = set()
@@ -531,7 +531,7 @@ def organ_gains(rows: List[Dict], arms: Sequence) -> List[str]:
     """A table: per organ, how often each organ-level arm handed it out and its Dice gain there (last round
     minus start, mean over seeds), beside its gain under whole-volume random revision (what labels of
     that organ bring when every organ is revised)."""
-    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    organs = _organs(rows)
     columns = [a for a in arms if _arm_seeds(rows, a)]
     head = "| organ | start | " + " | ".join(f"{_arm_label(a)}: handed out, gain" for a in columns) + " |"
     out = [head, "|" + "---|" * (2 + len(columns))]
@@ -550,9 +550,10 @@ def organ_gains(rows: List[Dict], arms: Sequence) -> List[str]:
 
 
 def _drift_lines(rows: List[Dict]) -> List[str]:
-    organs = [k[len("dice_"):] for k in (rows[0] if rows else {}) if k.startswith("dice_")]
+    organs = _organs(rows)
     out = []
-    for arm, d in organ_drift(rows, organs).items():
+    drift = organ_drift(rows, organs)
+    for arm, d in drift.items():
         (rs, re_), (us, ue) = d["revised"], d["unrevised"]
         change = unrevised_change(rows, arm)
         ci = f" (change {change[0]:+.3f}, paired 95% [{change[1][0]:+.3f}, {change[1][1]:+.3f}])" if change else ""
@@ -562,7 +563,7 @@ def _drift_lines(rows: List[Dict]) -> List[str]:
         out.append("  by round (revised by then / not yet revised): " + "; ".join(
             f"{k}: {a:.3f} / {u:.3f}" for k, a, u in revised_by_round(rows, arm)))
     if out:
-        arms = [a for a in organ_drift(rows, organs)] + [RANDOM]
+        arms = list(drift) + [RANDOM]
         out += ["", "Organs handed out against organs that gained (Dice, last round minus start, mean over seeds):",
                 ""] + organ_gains(rows, arms)
     return out
