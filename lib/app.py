@@ -246,19 +246,18 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
         lock = os.path.join(state_dir, "scoring.lock")
         tasks.scoring["importance"] = ImportanceScoring(scorer, engine=scoring_engine(scorer, cfg), lock_path=lock)
     if on.strategy:
-        tasks.strategies.update(
-            {
-                "importance": ImportanceStrategy(
-                    hold_s=cfg.hold_s,
-                    organs_per_sample=cfg.organs_per_sample,
-                    diversity_temperature=cfg.diversity_temperature,
-                    diversity_decay=cfg.diversity_decay,
-                    round_of=rounds_done(state_dir),
-                ),
-                "random": Random(),
-                "first": First(),
-            }
+        importance = ImportanceStrategy(
+            hold_s=cfg.hold_s,
+            organs_per_sample=cfg.organs_per_sample,
+            diversity_temperature=cfg.diversity_temperature,
+            diversity_decay=cfg.diversity_decay,
+            round_of=rounds_done(state_dir),
         )
+        # One importance strategy, whichever name asks: its hand-outs are what a later save is read against.
+        random = importance if cfg.random_strategy == "importance" else Random()
+        if random is importance:
+            logger.info("Next Sample 'random' is answered by 'importance' (--conf random_strategy importance)")
+        tasks.strategies.update({"importance": importance, "random": random, "first": First()})
     for b in cfg.models:
         logger.info(f"Model {b}: {registry.info(b)}")
     return tasks

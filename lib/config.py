@@ -107,6 +107,9 @@ class AppConfig:
     opening_mm: float = 0.0  # calibrated mode: thinnest uncertain structure kept (mm; 0: no opening)
     diversity_temperature: float = 0.0  # Next Sample's batch noise at round 0 (0: the top of one sorted list)
     diversity_decay: float = 0.5  # the temperature's factor per round done
+    # What answers a Next Sample that asks for ``random``: MONAI Label's Random, or the importance strategy
+    # (for OHIF: MONAI Label 0.8.5's OHIF panel asks ``random`` whatever its Strategy list shows).
+    random_strategy: str = "random"
 
 
 def _label_map(value: Optional[str]) -> Optional[Dict[int, int]]:
@@ -212,6 +215,7 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         opening_mm=_non_negative(conf, "opening_mm", 0.0),
         diversity_temperature=_non_negative(conf, "diversity_temperature", 0.0),
         diversity_decay=_fraction(conf, "diversity_decay", 0.5),
+        random_strategy=_choice(conf, "random_strategy", ("random", "importance")),
     )
 
 
@@ -230,4 +234,5 @@ def conf_summary(cfg: AppConfig) -> Dict:
         "organs_per_sample": cfg.organs_per_sample,
         "importance_mode": cfg.importance_mode,
         "diversity_temperature": cfg.diversity_temperature,
+        "random_strategy": cfg.random_strategy,
     }

@@ -57,3 +57,23 @@ def test_compile_and_channels_last_are_opt_in_recipe_switches(key):
     assert getattr(parse_conf({key: "true", "preset": "fast"}).recipe, key) is True
     with pytest.raises(ConfError, match=key):
         parse_conf({key: "maybe"})
+
+
+def test_random_strategy_conf_says_what_answers_a_next_sample_asking_random(tmp_path):
+    """OHIF's panel (MONAI Label 0.8.5) asks ``random`` whatever its Strategy list shows: ``--conf
+    random_strategy importance`` answers it with the importance strategy itself (the one whose organ
+    hand-outs a later save is read against); by default MONAI Label's Random answers; other values: named."""
+    from monailabel.tasks.activelearning.random import Random
+
+    from lib.app import build_tasks
+
+    def strategies(**conf):
+        settings = {"models": "segresnet", "weights_dir": str(tmp_path / "w"), "use_pretrained_model": "false", **conf}
+        return build_tasks(str(tmp_path / "app"), str(tmp_path / "studies"), settings).strategies
+
+    default = strategies()
+    assert isinstance(default["random"], Random) and default["random"] is not default["importance"]
+    served = strategies(random_strategy="importance")
+    assert served["random"] is served["importance"]
+    with pytest.raises(ConfError, match="random_strategy 'first'.*random, importance"):
+        parse_conf({"random_strategy": "first"})
