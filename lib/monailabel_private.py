@@ -16,6 +16,7 @@ tables (not ``_infers``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Tuple
 
 MONAILABEL_VERSION = "0.8.5"
@@ -115,6 +116,15 @@ class LocalDatastoreHooks:
     def reconcile(self) -> None:
         """Bring the record in line with the image and label files on disk."""
         super()._reconcile_datastore()
+
+    @contextmanager
+    def record_writing(self):
+        """Hold MONAI Label's datastore lock while the record changes, then write it (its ``save_label``'s way)."""
+        from filelock import FileLock
+
+        with FileLock(self._lock_file):
+            yield
+            self.write_record(lock=False)
 
     # --- MONAI Label's state and rules ----------------------------------------------------------------
     @property

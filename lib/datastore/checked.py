@@ -160,7 +160,42 @@ def info_reader(datastore):
     return getattr(datastore, "peek_image_info", None) or datastore.get_image_info
 
 
-class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
+class PreannotationStore:
+    """The label an infer served for an image, kept as its pre-annotation (MONAI Label's ``original`` tag):
+    what a later final label is compared with, organ by organ. For a ``LocalDatastoreHooks`` datastore
+    (the local one, or the DICOMweb one's cache), changed under its ``record_writing``."""
+
+    def save_preannotation(self, image_id: str, filename: str, info: Dict[str, Any]) -> None:
+        """Keep ``filename`` as the image's pre-annotation, replacing the one kept before; written whole or
+        not at all. Not checked as a final label is: the app's own infer made it on the image's grid, and it
+        may be empty."""
+        refuse_path_characters(image_id, "image id")
+        _, ext = self.split_name(os.path.basename(filename))
+        label_dir = self.record.label_path(PREANNOTATION)
+        name = self.file_name(image_id, ext)
+        with self.record_writing():
+            obj = self.record.objects.get(image_id)
+            if not obj:
+                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+            os.makedirs(label_dir, exist_ok=True)
+            with atomic_path(os.path.join(label_dir, name)) as tmp:
+                shutil.copyfile(filename, tmp)
+            previous = obj.labels.get(PREANNOTATION)
+            obj.labels[PREANNOTATION] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
+            if previous is not None and previous.info.get("name") not in (None, name):
+                _remove_quietly(os.path.join(label_dir, previous.info["name"]))
+
+    def served_preannotation(self, image_id: str) -> Optional[Tuple[str, Dict]]:
+        """(file, info) of the pre-annotation kept for the image; None when none is."""
+        obj = self.record.objects.get(image_id)
+        label = obj.labels.get(PREANNOTATION) if obj else None
+        if label is None:
+            return None
+        path = os.path.join(self.record.label_path(PREANNOTATION), (label.info or {}).get("name") or self.file_name(image_id, label.ext))
+        return (path, dict(label.info or {})) if os.path.isfile(path) else None
+
+
+class CheckedLocalDatastore(LocalDatastoreHooks, PreannotationStore, LocalDatastore):
     """LocalDatastore whose ``save_label`` checks the label against its image first, and which takes no
     image id or label tag that names a path (MONAI Label joins both onto the studies folder).
 
@@ -197,7 +232,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         refuse_path_characters(image_id, "image id")
         _, image_ext = self.split_name(os.path.basename(image_filename))
         name = self.file_name(image_id, image_ext)
-        with self._writing():
+        with self.record_writing():
             with atomic_path(os.path.join(self.record.image_path(), name)) as tmp:
                 shutil.copyfile(image_filename, tmp)
             info = dict(image_info or {}, ts=int(time.time()), name=name)
@@ -220,7 +255,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         self._known(label_id, label_tag)
-        with self._writing():
+        with self.record_writing():
             label = self.record.label(label_id, label_tag)
             if not label:
                 raise NotInDatastore(f"image {label_id!r} has no {label_tag!r} label")
@@ -265,7 +300,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         _, label_ext = self.split_name(os.path.basename(label_filename))
         label_dir = self.record.label_path(label_tag)
         name = self.file_name(image_id, label_ext)
-        with self._writing():
+        with self.record_writing():
             obj = self.record.objects.get(image_id)
             if not obj:
                 raise NotInDatastore(f"image {image_id!r} is not in the datastore")
@@ -307,35 +342,6 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         values = [int(v) for v in np.unique(merged) if v]
         logger.info(f"{image_id}: revised now {now}; kept as revised before {[n for n in names if CLASS_INDEX[n] in keep]}")
         return {ORGANS_KEY: organs, "checked": {"values": values, "voxels": int(np.count_nonzero(merged))}}
-
-    def save_preannotation(self, image_id: str, filename: str, info: Dict[str, Any]) -> None:
-        """Keep ``filename``, the label an infer task served for the image, as its pre-annotation (MONAI
-        Label's ``original`` tag), replacing the one kept before; written whole or not at all. Not checked
-        as a final label is: the app's own infer made it on the image's grid, and it may be empty."""
-        refuse_path_characters(image_id, "image id")
-        _, ext = self.split_name(os.path.basename(filename))
-        label_dir = self.record.label_path(PREANNOTATION)
-        name = self.file_name(image_id, ext)
-        with self._writing():
-            obj = self.record.objects.get(image_id)
-            if not obj:
-                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
-            os.makedirs(label_dir, exist_ok=True)
-            with atomic_path(os.path.join(label_dir, name)) as tmp:
-                shutil.copyfile(filename, tmp)
-            previous = obj.labels.get(PREANNOTATION)
-            obj.labels[PREANNOTATION] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
-            if previous is not None and previous.info.get("name") not in (None, name):
-                _remove_quietly(os.path.join(label_dir, previous.info["name"]))
-
-    def served_preannotation(self, image_id: str) -> Optional[Tuple[str, Dict]]:
-        """(file, info) of the pre-annotation kept for the image; None when none is."""
-        obj = self.record.objects.get(image_id)
-        label = obj.labels.get(PREANNOTATION) if obj else None
-        if label is None:
-            return None
-        path = os.path.join(self.record.label_path(PREANNOTATION), (label.info or {}).get("name") or self.file_name(image_id, label.ext))
-        return (path, dict(label.info or {})) if os.path.isfile(path) else None
 
     def _stored_organs(self, obj) -> Optional[Dict[str, Dict]]:
         """The final label's organ records; None without a final label; every organ revised for a final
@@ -384,7 +390,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
         return super().status()
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
-        with self._writing():
+        with self.record_writing():
             obj = self.record.objects.get(image_id)
             if not obj:
                 raise NotInDatastore(f"image {image_id!r} is not in the datastore")
@@ -432,7 +438,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, LocalDatastore):
             time.sleep(max(0.0, st.st_mtime + _CLOCK_TICK_S - time.time()))
 
     @contextmanager
-    def _writing(self):
+    def record_writing(self):
         """Hold the datastore lock, start from the file as it is now, and write the change back."""
         with self._file_lock:
             self._reload_if_changed()

@@ -17,7 +17,8 @@ from lib.importance.records import INFO_KEY
 from lib.monailabel_private import LocalDatastoreHooks, dicomweb_client, dicomweb_keeps_nifti, dicomweb_label_info
 from lib.monailabel_private import download_dicomweb_series
 
-from .checked import PREANNOTATION, Handouts, LabelError, check_label, implied_organs, revised_by_image, saving_client
+from .checked import Handouts, LabelError, PreannotationStore, check_label, implied_organs
+from .checked import revised_by_image, saving_client
 from .revisions import ORGANS_KEY, RevisionError, organ_records, requested_organs
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def _segment_info(names: Mapping[int, str], values) -> list:
     return info
 
 
-class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
+class CheckedDICOMWebDatastore(LocalDatastoreHooks, PreannotationStore, DICOMWebDatastore):
     """DICOMWebDatastore that (1) refuses a label that does not fit its image before anything reaches the
     PACS, (2) names the DICOM SEG segments from the app's label table, (3) sees its own saves (MONAI
     Label caches the labelled-series list for hours), and (4) reads a DICOM SEG back as the app's class
@@ -182,18 +183,6 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, DICOMWebDatastore):
             if ref and str(ref[0].get("SeriesInstanceUID", "")) == image_id:
                 found.append((f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}", seg_uid))
         return [uid for _, uid in sorted(found)]
-
-    def save_preannotation(self, image_id: str, filename: str, info: Dict[str, Any]) -> None:
-        """Keep the label an infer served for the image as its pre-annotation (MONAI Label's ``original``
-        tag) in the server's cache: what a final label of the image is compared with, organ by organ."""
-        LocalDatastore.save_label(self, image_id, filename, PREANNOTATION, dict(info))
-
-    def served_preannotation(self, image_id: str) -> Optional[Tuple[str, Dict]]:
-        """(file, info) of the pre-annotation kept for the image; None when none is."""
-        path = LocalDatastore.get_label_uri(self, image_id, PREANNOTATION)
-        if not path or not os.path.isfile(path):
-            return None
-        return path, dict(LocalDatastore.get_label_info(self, image_id, PREANNOTATION) or {})
 
     def revised_by_image(self) -> Dict[str, List[str]]:
         """Image file (real path, as ``datalist`` names it) -> the organs revised in its final label (every
