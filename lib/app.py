@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -114,7 +115,8 @@ class Tasks:
         label saved without ``revised`` (OHIF, 3D Slicer) then counts the organs handed to its annotator."""
         strategy = self.strategies.get("importance")
         if strategy is not None and hasattr(datastore, "handouts"):
-            datastore.handouts = strategy.organs_handed_to
+            anonymous = bool(getattr(datastore, "anonymous_handouts", False))
+            datastore.handouts = functools.partial(strategy.organs_handed_to, anonymous=anonymous)
         return datastore
 
     def keep_preannotation(self, datastore, request: Dict, result: Dict) -> None:
@@ -129,7 +131,8 @@ class Tasks:
         if not isinstance(image_id, str) or os.path.isabs(image_id):  # an uploaded file, not a datastore image
             return
         strategy = self.strategies.get("importance")
-        if strategy is None or not strategy.organs_handed_to(request.get("client_id"), image_id):
+        anonymous = bool(getattr(datastore, "anonymous_handouts", False))
+        if strategy is None or not strategy.organs_handed_to(request.get("client_id"), image_id, anonymous):
             return
         models = ((result or {}).get("params") or {}).get("models")
         info = {"model": request.get("model"), "client_id": request.get("client_id"), "models": models}

@@ -80,13 +80,9 @@ class ImportanceStrategy(Strategy):
         self.seed = int(seed)
         self._handed: Dict[str, Dict[str, Hold]] = {}  # image -> {organ or WHOLE: hold}
         self._lock = threading.Lock()
-        # Whether a save or infer that does not say who asks matches the hand-outs to requests that did not
-        # either: the datastore says (``anonymous_handouts``; DICOMweb: OHIF's panel sends no client id).
-        self.anonymous_handouts = False
 
     def __call__(self, request, datastore: Datastore):
         client = client_of(request)
-        self.anonymous_handouts = bool(getattr(datastore, "anonymous_handouts", False))
         self._read_labels_of_held(datastore)
         with self._lock:
             now = time.time()
@@ -115,14 +111,14 @@ class ImportanceStrategy(Strategy):
         logger.info(f"importance: {image_id} for {client or 'anonymous'} (score {out.get('score', 'none')}, organs {organs})")
         return out
 
-    def organs_handed_to(self, client_id, image_id: str) -> Optional[List[str]]:
+    def organs_handed_to(self, client_id, image_id: str, anonymous: bool = False) -> Optional[List[str]]:
         """The organs of ``image_id`` handed to annotator ``client_id`` at organ level in the last ``hold_s``
         seconds (a Submit Label naming no organs counts them as revised); None when that annotator holds
         no organs of it (a whole-image hand-out, or none). A ``client_id`` that does not say who asks gets
-        None, or, where the datastore counts anonymous hand-outs (``anonymous_handouts``), every organ of
-        the image handed out to requests that did not say who asked."""
+        None, or, with ``anonymous`` (the datastore's ``anonymous_handouts``; DICOMweb: OHIF's panel sends
+        no client id), every organ of the image handed out to requests that did not say who asked."""
         client = client_of({"client_id": client_id})
-        if not client and not self.anonymous_handouts:
+        if not client and not anonymous:
             return None
         with self._lock:
             now = time.time()

@@ -64,6 +64,12 @@ def test_the_organs_handed_out_are_known_for_their_holder_only_and_only_within_t
     assert ask.organs_handed_to("a-7", "im0") == ORGANS[:2]
     assert ask.organs_handed_to("a-8", "im0") is None and ask.organs_handed_to("a-7", "im1") is None
     assert ask.organs_handed_to(None, "im0") is None and ask.organs_handed_to("user-xyz", "im0") is None
+    # A datastore that counts hand-outs to requests that say nobody (DICOMweb: OHIF sends no client id).
+    assert ask.organs_handed_to(None, "im0", anonymous=True) is None, "a-7's organs are not anonymous ones"
+    assert ask({}, ds)["organs"] == ORGANS[2:4]
+    assert ask.organs_handed_to(None, "im0", anonymous=True) == ORGANS[2:4]
+    assert ask.organs_handed_to("user-xyz", "im0", anonymous=True) == ORGANS[2:4], "Slicer's default id: nobody"
+    assert ask.organs_handed_to(None, "im0") is None, "not counted where the datastore does not say so"
     whole = ImportanceStrategy(hold_s=600)  # K = 0: the whole image is handed out, not some organs
     assert whole({"client_id": "a-7"}, ds)["id"] == "im0" and whole.organs_handed_to("a-7", "im0") is None
     ask.hold_s = 0.0  # the hold has run out
