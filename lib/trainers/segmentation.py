@@ -241,7 +241,6 @@ class SuPreMTrainer(BasicTrainTask):
             self._roi(context),
             num_samples=int(context.request.get("num_samples", TRAIN_NUM_SAMPLES)),
             label_map=self.label_map,
-            revised_key=REVISED_KEY,  # crops of a partly revised label centre on its revised organs
         ) + [_ChannelMaskd(REVISED_KEY)]
 
     def train_post_transforms(self, context: Context):
@@ -318,7 +317,6 @@ class SuPreMTrainer(BasicTrainTask):
             roi=list(self._roi(context)),
             classes=self.class_indices,
             label_map=self.label_map,
-            crops="revised organs",  # entries hold the crops' foreground (labels.RevisedForegroundd)
         )
         return cache.dataset(datalist, transforms), datalist
 

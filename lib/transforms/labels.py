@@ -144,27 +144,3 @@ class LabelToChannelsd(MapTransform):
             out = (torch.as_tensor(lab)[0:1] == idx).float()
             d[key] = MetaTensor(out, meta=dict(lab.meta), affine=lab.affine) if isinstance(lab, MetaTensor) else out
         return d
-
-
-class RevisedForegroundd:
-    """The foreground that training crops centre on: the label's voxels of the organs revised in it.
-
-    ``mask_key``: the trainer's channel mask (1.0 per class of ``class_indices`` revised in this label, 0.0
-    per pseudo label). A partly revised label's crops then hold the organs it teaches (the masked loss
-    learns nothing from its other organs); a label revised whole, or one without a mask, is its own
-    foreground (``out_key`` holds the label itself), so it is cropped exactly as before."""
-
-    def __init__(self, label_key: str, mask_key: str, class_indices: Sequence[int], out_key: str):
-        self.label_key, self.mask_key, self.out_key = label_key, mask_key, out_key
-        self.class_indices = list(class_indices)
-
-    def __call__(self, data):
-        d = dict(data)
-        label, mask = d[self.label_key], d.get(self.mask_key)
-        revised = [c for c, m in zip(self.class_indices, mask if mask is not None else []) if float(m) > 0]
-        if mask is None or len(revised) == len(self.class_indices):
-            d[self.out_key] = label
-        else:
-            keep = torch.as_tensor(revised, device=torch.as_tensor(label).device)
-            d[self.out_key] = torch.isin(torch.as_tensor(label), keep).to(torch.uint8)
-        return d

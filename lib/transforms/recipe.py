@@ -157,20 +157,16 @@ def training_transforms(
     num_samples: int = 2,
     label_map=None,
     augment: bool = True,
-    revised_key: Optional[str] = None,
 ) -> List:
     """Training pre-processing: the inference recipe on image and label, then the SuPreM crops/augments.
 
     ``label_map``: optional {source id: SuPreM index} for labels with other ids (e.g. TotalSegmentator).
     Crops: ``num_samples`` random ``roi`` crops, foreground:background 2:1, each of shape ``roi`` (so they
-    batch). ``revised_key``: the sample's channel mask of revised organs (the trainer's); the foreground of
-    a partly revised label is then its revised organs only (``labels.RevisedForegroundd``). Output label:
-    one binary channel per class in ``class_indices``.
+    batch). Output label: one binary channel per class in ``class_indices``.
     """
-    from monai.transforms import DeleteItemsd, RandCropByPosNegLabeld, RandRotate90d, RandShiftIntensityd
-    from monai.transforms import SpatialPadd
+    from monai.transforms import RandCropByPosNegLabeld, RandRotate90d, RandShiftIntensityd, SpatialPadd
 
-    from .labels import LabelToChannelsd, RevisedForegroundd
+    from .labels import LabelToChannelsd
 
     keys = ("image", "label")
     t = labelled_pre_transforms(recipe, label_map) + [
@@ -178,21 +174,16 @@ def training_transforms(
         SpatialPadd(keys=keys, spatial_size=roi),
     ]
     if augment:
-        foreground = "crop_foreground" if revised_key else "label"
         crop = RandCropByPosNegLabeld(
-            keys=keys, label_key=foreground, spatial_size=roi, pos=2, neg=1, num_samples=num_samples, image_key="image"
+            keys=keys, label_key="label", spatial_size=roi, pos=2, neg=1, num_samples=num_samples, image_key="image"
         )
-        if revised_key:
-            crop = [RevisedForegroundd("label", revised_key, class_indices, foreground), crop, DeleteItemsd(keys=foreground)]
-        else:
-            crop = [crop]
         rotate = RandRotate90d(keys=keys, prob=0.1, max_k=3)  # in the axial plane (spatial axes 0, 1)
         if roi[0] == roi[1]:
-            t += crop + [rotate]  # the recipe's order
+            t += [crop, rotate]  # the recipe's order
         else:
             # A quarter turn of a crop whose axial plane is not square changes its shape, and crops of
             # different shapes cannot be batched: turn the volume, pad it again, then crop.
-            t += [rotate, SpatialPadd(keys=keys, spatial_size=roi)] + crop
+            t += [rotate, SpatialPadd(keys=keys, spatial_size=roi), crop]
         t += [RandShiftIntensityd(keys="image", offsets=0.1, prob=0.2)]
     t += [LabelToChannelsd(keys="label", class_indices=class_indices), EnsureTyped(keys=keys, dtype="float32")]
     return t
