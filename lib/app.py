@@ -130,9 +130,8 @@ class Tasks:
             return
         if not isinstance(image_id, str) or os.path.isabs(image_id):  # an uploaded file, not a datastore image
             return
-        strategy = self.strategies.get("importance")
-        anonymous = bool(getattr(datastore, "anonymous_handouts", False))
-        if strategy is None or not strategy.organs_handed_to(request.get("client_id"), image_id, anonymous):
+        handouts = getattr(datastore, "handouts", None)  # the strategy's record, bound by ``connect``
+        if handouts is None or not handouts(request.get("client_id"), image_id):
             return
         models = ((result or {}).get("params") or {}).get("models")
         info = {"model": request.get("model"), "client_id": request.get("client_id"), "models": models}
