@@ -19,6 +19,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Dict, List, Tuple
 
+from filelock import FileLock
+
 MONAILABEL_VERSION = "0.8.5"
 
 _HERE = "lib/monailabel_private.py"
@@ -120,8 +122,6 @@ class LocalDatastoreHooks:
     @contextmanager
     def record_writing(self):
         """Hold MONAI Label's datastore lock while the record changes, then write it (its ``save_label``'s way)."""
-        from filelock import FileLock
-
         with FileLock(self._lock_file):
             yield
             self.write_record(lock=False)

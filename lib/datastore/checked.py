@@ -160,6 +160,14 @@ def info_reader(datastore):
     return getattr(datastore, "peek_image_info", None) or datastore.get_image_info
 
 
+def recorded_image(record: LocalDatastoreModel, image_id: str) -> ImageLabelModel:
+    """The record's entry of an image; 404 (``NotInDatastore``) naming it when the record has none."""
+    obj = record.objects.get(image_id)
+    if not obj:
+        raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+    return obj
+
+
 class PreannotationStore:
     """The label an infer served for an image, kept as its pre-annotation (MONAI Label's ``original`` tag):
     what a later final label is compared with, organ by organ. For a ``LocalDatastoreHooks`` datastore
@@ -174,9 +182,7 @@ class PreannotationStore:
         label_dir = self.record.label_path(PREANNOTATION)
         name = self.file_name(image_id, ext)
         with self.record_writing():
-            obj = self.record.objects.get(image_id)
-            if not obj:
-                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+            obj = recorded_image(self.record, image_id)
             os.makedirs(label_dir, exist_ok=True)
             with atomic_path(os.path.join(label_dir, name)) as tmp:
                 shutil.copyfile(filename, tmp)
@@ -270,9 +276,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, PreannotationStore, LocalDatast
         """HTTP 400 for an id or tag that names a path (MONAI Label joins both onto the studies folder: a
         removal would delete outside it), 404 naming what is not in the datastore (MONAI Label: a 500)."""
         refuse_path_characters(image_id, "image id")
-        obj = self.record.objects.get(image_id)
-        if obj is None:
-            raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+        obj = recorded_image(self.record, image_id)
         if label_tag is not None and refuse_path_characters(label_tag, "label tag") not in obj.labels:
             raise NotInDatastore(f"image {image_id!r} has no {label_tag!r} label")
 
@@ -301,9 +305,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, PreannotationStore, LocalDatast
         label_dir = self.record.label_path(label_tag)
         name = self.file_name(image_id, label_ext)
         with self.record_writing():
-            obj = self.record.objects.get(image_id)
-            if not obj:
-                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+            obj = recorded_image(self.record, image_id)
             ts = int(time.time())
             label_info = dict(params, checked=summary, ts=ts, name=name)
             dest = os.path.join(label_dir, name)
@@ -391,9 +393,7 @@ class CheckedLocalDatastore(LocalDatastoreHooks, PreannotationStore, LocalDatast
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         with self.record_writing():
-            obj = self.record.objects.get(image_id)
-            if not obj:
-                raise NotInDatastore(f"image {image_id!r} is not in the datastore")
+            obj = recorded_image(self.record, image_id)
             obj.image.info.update(info)
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
