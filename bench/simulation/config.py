@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
+from lib.classes import LABEL_SETS
+
 # Strategy names -> (how the pool is scored and picked, the app's scorer options or {}).
 STRATEGIES: Dict[str, Tuple[str, Dict]] = {
     "importance": ("importance", {"entropy": "positive"}),
@@ -112,12 +114,13 @@ class SimConfig:
             raise ValueError(f"models={self.models}: each model needs its own starter; starters={self.starters}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose from {', '.join(POOLS)}")
-        need = max(
-            [self.volumes_per_round if r == "volume" else self.organ_volumes_per_round
-             for s, r in self.arms if s != "all"] or [0]
-        ) * self.rounds
-        if need > self.n_pool:
-            raise ValueError(f"{need} volumes would be revised but the pool holds {self.n_pool}")
+        # A whole-volume arm takes a volume out of the pool; an organ-level arm leaves it there for its
+        # other organs, so it runs out only when every organ of the pool is revised.
+        if any(r == "volume" and s != "all" for s, r in self.arms) and self.volumes_per_round * self.rounds > self.n_pool:
+            raise ValueError(f"{self.volumes_per_round * self.rounds} volumes would be revised but the pool holds {self.n_pool}")
+        organs = self.organ_volumes_per_round * self.organs_per_volume * self.rounds
+        if any(r == "organ" for _, r in self.arms) and organs > self.n_pool * len(LABEL_SETS[self.labels]):
+            raise ValueError(f"{organs} organs would be revised but the pool holds {self.n_pool * len(LABEL_SETS[self.labels])}")
 
     def starter_key(self) -> str:
         """What a starting model depends on (``starter_seed`` included: each distinct starter its own)."""
