@@ -28,7 +28,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.networks import validate_checkpoint
 from lib.classes import CLASS_INDEX, LABEL_SETS
-from lib.datastore import CheckedLocalDatastore
+from lib.datastore import CheckedLocalDatastore, pool_images, revised_organs
 from lib.networks.inference import NetworkCache
 from lib.infers.segmentation import SuPreMSegmentation
 from lib.metrics import organ_dice, summarise
@@ -176,12 +176,15 @@ class Model:
         """Predicted organ size (voxels of the mean probability > 0.5, all organs) per unlabelled image."""
         self._score_probabilities(datastore, SIZE_KEY, lambda probs: float((probs.float().mean(0) > 0.5).sum()))
 
-    def score_true_error(self, datastore, gt: Dict[str, str]) -> None:
+    def score_true_error(self, datastore, gt: Dict[str, str], partly: bool = False) -> None:
         """The positive control's score: per unlabelled image, 1 - the served model's Dice against the
-        ground truth (mean over organs, and per organ; an organ absent from both counts as no error)."""
+        ground truth (mean over organs, and per organ; an organ absent from both counts as no error).
+
+        ``partly`` (organ-level revision): partly revised images too (``_oracle_of_organs`` picks among
+        them by the error of their organs not yet revised)."""
         import nibabel as nib
 
-        for image_id in datastore.get_unlabeled_images():
+        for image_id in pool_images(datastore) if partly else datastore.get_unlabeled_images():
             pred = self.predict(datastore.get_image_uri(image_id))
             dice = organ_dice(pred, np.asarray(nib.load(gt[image_id]).dataobj), self.class_indices)
             errors = {o: 0.0 if math.isnan(d) else 1.0 - float(d) for o, d in zip(self.labels, dice)}
@@ -302,17 +305,40 @@ SCORE_KEYS = {"importance": (INFO_KEY,), "entropy": (ENTROPY_KEY,), "size": (SIZ
 MODEL_SCORED = ("importance", "entropy", "size")
 
 
-def _strategy(name: str):
+def _strategy(name: str, revision: str = "volume", organs_per_volume: int = 1):
     kind = STRATEGIES[name][0]
+    if kind == "oracle" and revision == "organ":
+        return _oracle_of_organs(organs_per_volume)
     if kind in ("entropy", "size", "oracle"):  # MONAI Label's top-1 on a stored number
         return Epistemic(k=1, key=SCORE_KEYS[kind][0])
     return {"importance": lambda: ImportanceStrategy(hold_s=0.0), "random": Random, "first": First,
             "all": First}[kind]()
 
 
-def _score_pool(kind: str, options: Dict, model: "Model", ds, ctx: "SeedContext", rnd: int) -> None:
-    """Score the unlabelled pool for the strategy; the first round's scores come from the starter, the
-    same for every arm of the seed, so they are reused."""
+def _oracle_organs(datastore, image_id: str) -> Dict[str, float]:
+    """The oracle's true error per organ of the image, its organs revised by now counted as none."""
+    revised = set(revised_organs(datastore, image_id) or ())
+    errors = datastore.get_image_info(image_id).get(ORACLE_ORGANS_KEY) or {}
+    return {o: 0.0 if o in revised else float(e) for o, e in errors.items()}
+
+
+def _oracle_of_organs(top_k: int):
+    """The organ-level oracle's Next Sample: among the images still to revise (``pool_images``: unlabelled
+    and partly revised, as the app's strategy ranks them), the one whose ``top_k`` worst organs not yet
+    revised hold the largest true error; {} when no error is left."""
+
+    def pick(request, datastore) -> Dict:
+        scored = [(sum(sorted(_oracle_organs(datastore, i).values())[-top_k:]), i) for i in pool_images(datastore)]
+        best = max(scored, default=(0.0, None))
+        return {"id": best[1]} if best[0] > 0 else {}
+
+    return pick
+
+
+def _score_pool(kind: str, options: Dict, model: "Model", ds, ctx: "SeedContext", rnd: int,
+                partly: bool = False) -> None:
+    """Score the unlabelled pool for the strategy (``partly``: partly revised images too); the first
+    round's scores come from the starter, the same for every arm of the seed, so they are reused."""
     if kind not in SCORE_KEYS:
         return
     keys = SCORE_KEYS[kind]
@@ -329,7 +355,7 @@ def _score_pool(kind: str, options: Dict, model: "Model", ds, ctx: "SeedContext"
     elif kind == "size":
         model.score_size(ds)
     else:
-        model.score_true_error(ds, {s.id: s.gt for s in ctx.pool})
+        model.score_true_error(ds, {s.id: s.gt for s in ctx.pool}, partly)
     if rnd == 1:
         ctx.scores0[cache_key] = {i: {k: ds.get_image_info(i).get(k) for k in keys} for i in ds.get_unlabeled_images()}
 
@@ -338,7 +364,7 @@ def _organs_to_revise(kind: str, pick: Dict, ds, n: int) -> List[str]:
     """The organs an organ-level revision fixes: the importance answer's list, or (oracle) the organs of
     largest true error."""
     if kind == "oracle":
-        errors = ds.get_image_info(pick["id"]).get(ORACLE_ORGANS_KEY) or {}
+        errors = _oracle_organs(ds, pick["id"])
         return [o for o, e in sorted(errors.items(), key=lambda kv: -kv[1]) if e > 0][:n]
     return list(pick.get("organs") or [])[:n]
 
@@ -375,7 +401,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     annotator = SimulatedAnnotator({s.id: s.gt for s in ctx.pool + ctx.replay}, model.labels, model.predict,
                                    os.path.join(folder, "tmp"))
     _label_replay(ds, ctx.replay, annotator)
-    pick_strategy = _strategy(strategy)
+    pick_strategy = _strategy(strategy, revision, cfg.organs_per_volume)
     tags = {s.id: s.tag() for s in ctx.pool}
     base = {"seed": ctx.seed, "strategy": strategy, "revision": revision}
     rows = [dict(base, round=0, volumes_revised=0, organs_revised=0, dice=ctx.round0, picked="", scored_by=0,
@@ -387,7 +413,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
         per_round, rounds = len(ctx.pool), 1
     for rnd in range(1, rounds + 1):
         t = time.time()
-        _score_pool(kind, options, model, ds, ctx, rnd)
+        _score_pool(kind, options, model, ds, ctx, rnd, partly=revision == "organ")
         score_s = time.time() - t
         scored_by = len(model.scorer.active()) if kind in MODEL_SCORED else 0  # models with weights now
         random.seed(round_seed(ctx.seed, rnd))  # MONAI Label's Random draws from Python's random

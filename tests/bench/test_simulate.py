@@ -338,3 +338,26 @@ def test_unrevised_organs_change_and_revised_by_round_follow_the_hand_outs():
     liver = next(line for line in table if line.startswith("| liver |"))
     aorta = next(line for line in table if line.startswith("| aorta |"))
     assert "| 0.500 | 2, +0.300 |" in liver and "| 0.700 | 0, -0.100 |" in aorta  # handed out in 2 seeds
+
+
+def test_the_organ_level_oracle_ranks_partly_revised_volumes_on_their_organs_not_yet_revised(tmp_path):
+    from bench.simulation.loop import ORACLE_ORGANS_KEY, _organs_to_revise, _strategy
+    from lib.datastore import CheckedLocalDatastore
+    from support import tiny_studies
+
+    studies, label = tiny_studies(tmp_path, 3)  # its label: the liver
+    ds = CheckedLocalDatastore(str(studies), extensions=["*.nii.gz"], allowed_labels=[CLASS_INDEX[o] for o in ORGANS])
+    errors = {"im0": {"liver": 0.9, "spleen": 0.2, "pancreas": 0.1}, "im1": {"liver": 0.5, "spleen": 0.5, "pancreas": 0.0},
+              "im2": {"liver": 0.0, "spleen": 0.0, "pancreas": 0.0}}
+    for image_id, e in errors.items():
+        ds.update_image_info(image_id, {ORACLE_ORGANS_KEY: e})
+    pick = _strategy("oracle", "organ", 2)
+    assert pick({}, ds) == {"id": "im0"}  # its two worst organs: 1.1 against 1.0
+    assert _organs_to_revise("oracle", {"id": "im0"}, ds, 2) == ["liver", "spleen"]
+    ds.save_label("im0", label, "final", {"revised": ["liver"]})
+    assert pick({}, ds) == {"id": "im1"}, "im0 is left with 0.3: its revised liver counts as no error"
+    assert _organs_to_revise("oracle", {"id": "im0"}, ds, 2) == ["spleen", "pancreas"]
+    ds.save_label("im1", label, "final", {"revised": ["liver", "spleen"]})
+    assert pick({}, ds) == {"id": "im0"}, "partly revised, still in the pool"
+    ds.save_label("im0", label, "final", {"revised": ["spleen", "pancreas"]})
+    assert pick({}, ds) == {}, "no error left anywhere"
