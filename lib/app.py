@@ -31,6 +31,9 @@ from lib.weights import WeightsRegistry
 
 logger = logging.getLogger(__name__)
 
+# Next Sample's hand-outs, in the state folder (``ImportanceStrategy.state_file``).
+HANDOUTS_FILE = "handouts.json"
+
 # Seconds a stopping server gives its train / scoring subprocesses to end on SIGTERM before SIGKILL.
 STOP_GRACE_S = 5.0
 
@@ -254,6 +257,7 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
             diversity_temperature=cfg.diversity_temperature,
             diversity_decay=cfg.diversity_decay,
             round_of=rounds_done(state_dir),
+            state_file=os.path.join(state_dir, HANDOUTS_FILE),  # a restart keeps who holds what
         )
         # One importance strategy, whichever name asks: its hand-outs are what a later save is read against.
         random = importance if cfg.random_strategy == "importance" else Random()

@@ -27,6 +27,7 @@ class Server:
 
     def __init__(self, studies: str, conf: Dict[str, str], workdir: str, app: Optional[str] = None, env=None):
         self.port = free_port()
+        self.conf = dict(conf)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, f"server-{self.port}.log")
         cmd = [

@@ -14,6 +14,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.datastore import ranked_pool, revised_organs
+from lib.files import read_json, write_json_atomic
 from lib.importance.diversity import diverse_batch, round_temperature
 from lib.importance.records import Ranked, is_scored
 
@@ -60,6 +61,10 @@ class ImportanceStrategy(Strategy):
     ``r = round_of()``, default 0; the noise seeded by ``(seed, r)``, so one round's batch is the same
     for every request until the pool changes) and handed out in that order. T = 0 (default): the
     highest score first, as before.
+
+    ``state_file``: where the hand-outs are kept (JSON, rewritten whole at each change), so a restarted
+    server still knows, until ``hold_s`` runs out, who holds what: the annotator gets the same work back,
+    others do not, and a save naming no organs counts the organs handed out. None: in memory only.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class ImportanceStrategy(Strategy):
         diversity_decay: float = 0.5,
         round_of: Optional[Callable[[], int]] = None,
         seed: int = 0,
+        state_file: Optional[str] = None,
     ):
         super().__init__("Highest AbdomenAtlas-8K importance score first, with the organs to revise")
         self.hold_s = hold_s
@@ -78,13 +84,15 @@ class ImportanceStrategy(Strategy):
         self.diversity_decay = float(diversity_decay)
         self.round_of = round_of
         self.seed = int(seed)
-        self._handed: Dict[str, Dict[str, Hold]] = {}  # image -> {organ or WHOLE: hold}
+        self.state_file = state_file
+        self._handed: Dict[str, Dict[str, Hold]] = self._read_handouts()  # image -> {organ or WHOLE: hold}
         self._lock = threading.Lock()
 
     def __call__(self, request, datastore: Datastore):
         client = client_of(request)
         self._read_labels_of_held(datastore)
         with self._lock:
+            before = {image_id: dict(held) for image_id, held in self._handed.items()}
             now = time.time()
             self._expire(now)
             scored, unscored = ranked_pool(datastore, exclude=self._held_whole_by_others(client))
@@ -92,11 +100,14 @@ class ImportanceStrategy(Strategy):
             if pick is None:
                 self._release(client)  # an identified annotator's finished work no longer holds anything
                 pick = self._pick(self._in_batch_order(scored, datastore) if self.diversity_temperature else scored, unscored)
-            if pick is None:
-                return {}
-            image_id, rec, organs = pick
-            rec = copy.deepcopy(rec)  # the datastore's own record: the answer must not share it
-            self._hold(image_id, organs, Hold(client, now, revised_organs(datastore, image_id)))
+            if pick is not None:
+                image_id, rec, organs = pick
+                rec = copy.deepcopy(rec)  # the datastore's own record: the answer must not share it
+                self._hold(image_id, organs, Hold(client, now, revised_organs(datastore, image_id)))
+            if self._handed != before:
+                self._write_handouts()
+        if pick is None:
+            return {}
         out = {"id": image_id, "scored": is_scored(rec)}
         if out["scored"]:
             out.update(
@@ -125,6 +136,27 @@ class ImportanceStrategy(Strategy):
             held = self._handed.get(image_id, {})
             organs = [k for k, h in held.items() if h.client == client and now - h.since < self.hold_s]
         return None if not organs or WHOLE in organs else organs
+
+    def _read_handouts(self) -> Dict[str, Dict[str, Hold]]:
+        """The hand-outs ``state_file`` kept (expired ones drop out at the next Next Sample); an entry
+        that cannot be read is skipped with a warning: it is handed out again."""
+        handed: Dict[str, Dict[str, Hold]] = {}
+        saved = read_json(self.state_file, {}) if self.state_file else {}
+        for image_id, held in (saved if isinstance(saved, dict) else {}).items():
+            try:
+                handed[image_id] = {key: Hold(h["client"], float(h["since"]), h["revised"]) for key, h in held.items()}
+            except (AttributeError, KeyError, TypeError, ValueError):
+                logger.warning(f"{self.state_file}: the hand-out of {image_id} cannot be read; it is handed out again")
+        return handed
+
+    def _write_handouts(self) -> None:
+        """Keep the hand-outs in ``state_file`` (whole or not at all); a failed write leaves them in memory."""
+        if not self.state_file:
+            return
+        try:
+            write_json_atomic(self.state_file, {i: {k: h._asdict() for k, h in held.items()} for i, held in self._handed.items()})
+        except OSError as e:
+            logger.warning(f"hand-outs not kept in {self.state_file} (a restart forgets them): {e}")
 
     def _read_labels_of_held(self, datastore) -> None:
         """Let the datastore read final labels of held images that reached it without a save through this

@@ -241,3 +241,34 @@ def test_a_save_naming_no_organs_revises_the_organs_handed_out_and_changed_and_r
     # A save by an annotator Next Sample handed nothing: a whole-volume revision, as before.
     MONAILabelClient(url, client_id="ann-6").save_label("rv_d", f2, tag="final", params={"label_info": _label_info(lab2)})
     assert {r["state"] for r in _organs(ann, "rv_d").values()} == {"revised"}
+
+
+def test_a_restarted_server_still_knows_the_organs_it_handed_out(env, tmp_path):
+    """A server that crashes between Next Sample and Submit Label: after the restart the annotator gets the
+    same work back, nobody else gets those organs, and the save naming no organs counts them as revised."""
+    studies, new = tmp_path / "studies", tmp_path / "new"
+    write_phantom(make_phantom(70, shape=(48, 48, 32), spacing_mm=(3.0, 3.0, 4.0)), str(new), "rs_a", None)
+    write_phantom(make_phantom(71, shape=(48, 48, 32), spacing_mm=(3.0, 3.0, 4.0)), str(studies), "rs_b", None)
+    conf = dict(env["server"].conf, model_dir=str(tmp_path / "model"))
+    record = {"score": 9, "organs": ["liver", "spleen", "aorta"], "organ_scores": {"liver": 4, "spleen": 3, "aorta": 2}}
+    srv = Server(str(studies), conf, str(tmp_path), env={"MONAI_LABEL_TASKS_TRAIN": "false"}).wait_ready()
+    try:
+        ann = MONAILabelClient(srv.url, client_id="ann-r", tmpdir=str(tmp_path))
+        ann.upload_image(str(new / "rs_a.nii.gz"), "rs_a", {"importance": record})
+        got = ann.next_sample("importance", {})
+        assert (got["id"], got["organs"]) == ("rs_a", ["liver", "spleen"]), got
+        served_file, _ = ann.infer("segresnet", "rs_a", {})
+    finally:
+        srv.kill()  # a crash: nothing is written at exit
+    srv = Server(str(studies), conf, str(tmp_path), env={"MONAI_LABEL_TASKS_TRAIN": "false"}).wait_ready()
+    try:
+        other = MONAILabelClient(srv.url, client_id="ann-s").next_sample("importance", {})
+        assert (other["id"], other.get("organs")) == ("rs_a", ["aorta"]), "only the organs nobody holds"
+        ann = MONAILabelClient(srv.url, client_id="ann-r", tmpdir=str(tmp_path))
+        served = np.asarray(nib.load(served_file).dataobj)
+        ann.save_label("rs_a", served_file, tag="final", params={"label_info": _label_info(served)})
+        organs = ann.datastore()["objects"]["rs_a"]["labels"]["final"]["info"]["organs"]
+        assert sorted(n for n, r in organs.items() if r["state"] == "revised") == ["liver", "spleen"]
+        assert ann.next_sample("importance", {})["id"] == "rs_b", "done: new work"
+    finally:
+        srv.stop()

@@ -74,3 +74,38 @@ def test_the_organs_handed_out_are_known_for_their_holder_only_and_only_within_t
     assert whole({"client_id": "a-7"}, ds)["id"] == "im0" and whole.organs_handed_to("a-7", "im0") is None
     ask.hold_s = 0.0  # the hold has run out
     assert ask.organs_handed_to("a-7", "im0") is None
+
+
+def test_a_restarted_strategy_keeps_who_holds_what_from_its_state_file(tmp_path, caplog):
+    ds, label = _datastore(tmp_path, n=3)
+    for i, score in enumerate((30, 20, 10)):
+        _score(ds, f"im{i}", score)
+    state = str(tmp_path / "state" / "handouts.json")
+    before = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)
+    assert before({"client_id": "a-7"}, ds)["organs"] == ORGANS[:2]
+    assert before({"client_id": "a-8"}, ds)["organs"] == ORGANS[2:4]
+    whole = ImportanceStrategy(hold_s=600, state_file=str(tmp_path / "whole.json"))
+    assert whole({"client_id": "a-9"}, ds)["id"] == "im0"
+    # The server restarts: new strategies read the files.
+    after = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)
+    assert after.organs_handed_to("a-7", "im0") == ORGANS[:2] and after.organs_handed_to("a-8", "im0") == ORGANS[2:4]
+    assert after({"client_id": "a-7"}, ds)["organs"] == ORGANS[:2], "the same work back"
+    assert after({"client_id": "a-6"}, ds)["id"] == "im1", "im0's organs are all held"
+    whole_after = ImportanceStrategy(hold_s=600, state_file=str(tmp_path / "whole.json"))
+    assert whole_after({"client_id": "a-1"}, ds)["id"] == "im1", "im0 is held whole by a-9"
+    assert whole_after({"client_id": "a-9"}, ds)["id"] == "im0"
+    ds.save_label("im0", label, "final", {"revised": ORGANS[:2], "client_id": "a-7"})
+    got = after({"client_id": "a-7"}, ds)
+    assert (got["id"], got["organs"]) == ("im1", ORGANS[2:4]), "a-7's work is done: new work, beside a-6's"
+    assert ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state).organs_handed_to("a-7", "im0") is None
+    # Holds that ran out while the server was down are not kept; a file that cannot be read holds nothing.
+    assert ImportanceStrategy(hold_s=0.0, organs_per_sample=2, state_file=state).organs_handed_to("a-8", "im0") is None
+    with open(state, "w") as f:
+        f.write('{"im0": {"liver": {"client": "a-7"}}, "im1": ')
+    got = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)({"client_id": "a-5"}, ds)
+    assert (got["id"], got["organs"]) == ("im1", ORGANS[:2]), "a-6's hold on them is forgotten"
+    with open(state, "w") as f:
+        f.write('{"im0": {"liver": {"client": "a-7"}}, "im1": {"spleen": {"client": "a-8", "since": 1e12, "revised": null}}}')
+    mixed = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)
+    assert "the hand-out of im0 cannot be read" in caplog.text
+    assert mixed.organs_handed_to("a-7", "im0") is None and mixed.organs_handed_to("a-8", "im1") == ["spleen"]
