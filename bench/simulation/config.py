@@ -98,7 +98,6 @@ class SimConfig:
     models: int = 1  # models scoring the pool: the served one and companions of the next starters
     finetune_lr: Optional[float] = None  # learning rate of the rounds' retraining; None = lr
     pseudo_weight: float = 0.0  # loss weight of organs not revised in a label (the app's --conf pseudo_weight)
-    exclusion_weight: float = 0.0  # loss weight of "not this organ" inside the revised organs (an experiment)
     sites: Tuple[str, ...] = ("A", "B", "C", "D")
     starter_seed: int = 9000
     sw_batch_size: int = 1  # windows per forward pass when inferring and scoring (speed only)

@@ -120,7 +120,7 @@ class Model:
             BACKBONE, self.registry, self.labels, self.recipe, model_dir=model_dir, split_file=split_file,
             max_epochs=1,  # crops of the recipe's window (the product's default)
             num_samples=cfg.num_samples, lr=lr or cfg.lr, val_fraction=0.0,
-            publish_to=publish_to, amp="none", pseudo_weight=cfg.pseudo_weight, exclusion_weight=cfg.exclusion_weight,
+            publish_to=publish_to, amp="none", pseudo_weight=cfg.pseudo_weight,
         )
         models = {BACKBONE: self.registry}
         models.update({f"{BACKBONE}#{i + 2}": c.registry for i, c in enumerate(self.companions)})

@@ -46,11 +46,10 @@ class MaskedChannelLoss(torch.nn.Module):
     there is more than one channel, which does not fit independent organ channels.)
     """
 
-    def __init__(self, channels: Sequence[int], pseudo_weight: float = 0.0, exclusion_weight: float = 0.0):
+    def __init__(self, channels: Sequence[int], pseudo_weight: float = 0.0):
         super().__init__()
         self.channels = list(channels)
         self.pseudo_weight = float(pseudo_weight)
-        self.exclusion_weight = float(exclusion_weight)
         self.dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, reduction="none")
         self.revised: Optional[torch.Tensor] = None
 
@@ -62,16 +61,7 @@ class MaskedChannelLoss(torch.nn.Module):
             return per_channel.mean()
         revised = torch.as_tensor(self.revised).to(per_channel).reshape(per_channel.shape)
         weight = revised + self.pseudo_weight * (1.0 - revised)
-        if not self.exclusion_weight:
-            return (per_channel * weight).sum() / weight.sum().clamp_min(1e-12)
-        # Exclusion (Shi et al. 2021): a revised organ's voxels are no other organ's, so every channel not
-        # revised learns "not here" inside them (BCE towards 0 there, its mean over those voxels).
-        inside = (target * revised.reshape(*revised.shape, *[1] * (target.dim() - 2))).sum(1, keepdim=True).clamp_max(1.0)
-        n_inside = inside.flatten(2).sum(2)  # (B, 1)
-        excluded = (bce * inside).flatten(2).sum(2) / n_inside.clamp_min(1.0)
-        exclusion = self.exclusion_weight * (1.0 - revised) * (n_inside > 0)
-        total = (per_channel * weight).sum() + (excluded * exclusion).sum()
-        return total / (weight.sum() + exclusion.sum()).clamp_min(1e-12)
+        return (per_channel * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 # AdamW as SuPreM fine-tunes: the learning rate a train request may override, and a light weight decay.
@@ -79,11 +69,10 @@ LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-5
 
 
-def fine_tuning_loss(channels: Sequence[int], pseudo_weight: float = 0.0, exclusion_weight: float = 0.0) -> MaskedChannelLoss:
+def fine_tuning_loss(channels: Sequence[int], pseudo_weight: float = 0.0) -> MaskedChannelLoss:
     """The train task's loss: sigmoid BCE + Dice on the network output ``channels`` (0-based, the app's
-    classes), organs nobody revised weighted ``pseudo_weight``, and ``exclusion_weight`` on their BCE inside
-    the revised organs."""
-    return MaskedChannelLoss(channels, pseudo_weight, exclusion_weight)
+    classes), organs nobody revised weighted ``pseudo_weight``."""
+    return MaskedChannelLoss(channels, pseudo_weight)
 
 
 def fine_tuning_optimizer(network: torch.nn.Module, lr: float = LEARNING_RATE) -> torch.optim.Optimizer:
@@ -150,7 +139,6 @@ class SuPreMTrainer(BasicTrainTask):
         cache_dir: Optional[str] = None,
         gpus: str = "all",
         pseudo_weight: float = 0.0,
-        exclusion_weight: float = 0.0,
     ):
         self.backbone = backbone
         self.registry = registry
@@ -165,8 +153,6 @@ class SuPreMTrainer(BasicTrainTask):
         self.val_fraction = val_fraction
         # Loss weight of organs nobody revised in an image (their labels are pseudo labels); 0: no gradient.
         self.pseudo_weight = float(pseudo_weight)
-        # Loss weight of "not this organ" inside the revised organs, for the channels not revised.
-        self.exclusion_weight = float(exclusion_weight)
         # Pre-processed (resampled) volumes kept on disk across rounds and backbones (None: in memory only).
         self.cache_dir = cache_dir
         self.publish_to = publish_to or registry.published_path(backbone)
@@ -225,7 +211,7 @@ class SuPreMTrainer(BasicTrainTask):
         return fine_tuning_optimizer(context.network, context.request.get("lr", LEARNING_RATE))
 
     def loss_function(self, context: Context):
-        return fine_tuning_loss(self.channels, self.pseudo_weight, self.exclusion_weight)
+        return fine_tuning_loss(self.channels, self.pseudo_weight)
 
     def train_handlers(self, context: Context):
         handlers = super().train_handlers(context) + [RevisedChannels()]
