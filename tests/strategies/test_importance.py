@@ -3,6 +3,7 @@ the annotator who holds it, until that work is done; others are kept off it."""
 
 from __future__ import annotations
 
+import logging
 
 from lib.classes import CLASS_INDEX, LABEL_SETS
 from lib.datastore import CheckedLocalDatastore
@@ -106,6 +107,7 @@ def test_a_restarted_strategy_keeps_who_holds_what_from_its_state_file(tmp_path,
     assert (got["id"], got["organs"]) == ("im1", ORGANS[:2]), "a-6's hold on them is forgotten"
     with open(state, "w") as f:
         f.write('{"im0": {"liver": {"client": "a-7"}}, "im1": {"spleen": {"client": "a-8", "since": 1e12, "revised": null}}}')
-    mixed = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)
+    with caplog.at_level(logging.WARNING, logger="lib.strategies.importance"):
+        mixed = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)
     assert "the hand-out of im0 cannot be read" in caplog.text
     assert mixed.organs_handed_to("a-7", "im0") is None and mixed.organs_handed_to("a-8", "im1") == ["spleen"]
