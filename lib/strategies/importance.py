@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
@@ -141,8 +142,13 @@ class ImportanceStrategy(Strategy):
         """The hand-outs ``state_file`` kept (expired ones drop out at the next Next Sample); an entry
         that cannot be read is skipped with a warning: it is handed out again."""
         handed: Dict[str, Dict[str, Hold]] = {}
-        saved = read_json(self.state_file, {}) if self.state_file else {}
-        for image_id, held in (saved if isinstance(saved, dict) else {}).items():
+        if not self.state_file or not os.path.exists(self.state_file):
+            return handed
+        saved = read_json(self.state_file)
+        if not isinstance(saved, dict):
+            logger.warning(f"{self.state_file} cannot be read: no hand-out is kept from before the start")
+            return handed
+        for image_id, held in saved.items():
             try:
                 handed[image_id] = {key: Hold(h["client"], float(h["since"]), h["revised"]) for key, h in held.items()}
             except (AttributeError, KeyError, TypeError, ValueError):

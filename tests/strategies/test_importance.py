@@ -103,7 +103,9 @@ def test_a_restarted_strategy_keeps_who_holds_what_from_its_state_file(tmp_path,
     assert ImportanceStrategy(hold_s=0.0, organs_per_sample=2, state_file=state).organs_handed_to("a-8", "im0") is None
     with open(state, "w") as f:
         f.write('{"im0": {"liver": {"client": "a-7"}}, "im1": ')
-    got = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)({"client_id": "a-5"}, ds)
+    with caplog.at_level(logging.WARNING, logger="lib.strategies.importance"):
+        got = ImportanceStrategy(hold_s=600, organs_per_sample=2, state_file=state)({"client_id": "a-5"}, ds)
+    assert f"{state} cannot be read" in caplog.text
     assert (got["id"], got["organs"]) == ("im1", ORGANS[:2]), "a-6's hold on them is forgotten"
     with open(state, "w") as f:
         f.write('{"im0": {"liver": {"client": "a-7"}}, "im1": {"spleen": {"client": "a-8", "since": 1e12, "revised": null}}}')
