@@ -118,9 +118,9 @@ class SimConfig:
         # other organs, so it runs out only when every organ of the pool is revised.
         if any(r == "volume" and s != "all" for s, r in self.arms) and self.volumes_per_round * self.rounds > self.n_pool:
             raise ValueError(f"{self.volumes_per_round * self.rounds} volumes would be revised but the pool holds {self.n_pool}")
-        organs = self.organ_volumes_per_round * self.organs_per_volume * self.rounds
-        if any(r == "organ" for _, r in self.arms) and organs > self.n_pool * len(LABEL_SETS[self.labels]):
-            raise ValueError(f"{organs} organs would be revised but the pool holds {self.n_pool * len(LABEL_SETS[self.labels])}")
+        organs, pool_organs = self.organ_volumes_per_round * self.organs_per_volume * self.rounds, self.n_pool * len(LABEL_SETS[self.labels])
+        if any(r == "organ" for _, r in self.arms) and organs > pool_organs:
+            raise ValueError(f"{organs} organs would be revised but the pool holds {pool_organs}")
 
     def starter_key(self) -> str:
         """What a starting model depends on (``starter_seed`` included: each distinct starter its own)."""
