@@ -38,9 +38,7 @@ FINAL_CHECKPOINT, BEST_CHECKPOINT, MODEL_KEY = "checkpoint_final.pt", "model.pt"
 class MaskedChannelLoss(torch.nn.Module):
     """Sigmoid BCE + Dice per channel on the network output channels of the app's classes, each sample's
     channels weighted: 1 for organs revised in that image, ``pseudo_weight`` for the others (their
-    labels are the model's own), summed and divided by the number of (sample, channel) pairs: a revised
-    organ of a partly revised image weighs what it weighs in a fully revised one (a weighted mean would
-    give the three revised organs of a 25-organ label eight times the weight each).
+    labels are the model's own), as a weighted mean over samples and channels.
 
     ``revised`` (B, C) is set for each batch by ``masked_iteration``; without it (or with every organ
     revised) the value is MONAI's sigmoid ``DiceLoss`` plus BCE with logits, each averaged over samples
@@ -63,7 +61,7 @@ class MaskedChannelLoss(torch.nn.Module):
             return per_channel.mean()
         revised = torch.as_tensor(self.revised).to(per_channel).reshape(per_channel.shape)
         weight = revised + self.pseudo_weight * (1.0 - revised)
-        return (per_channel * weight).sum() / per_channel.numel()
+        return (per_channel * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 # AdamW as SuPreM fine-tunes: the learning rate a train request may override, and a light weight decay.
