@@ -98,6 +98,9 @@ class SimConfig:
     models: int = 1  # models scoring the pool: the served one and companions of the next starters
     finetune_lr: Optional[float] = None  # learning rate of the rounds' retraining; None = lr
     pseudo_weight: float = 0.0  # loss weight of organs not revised in a label (the app's --conf pseudo_weight)
+    # The organ-level oracle ranks organs by their true error ("error", 1 - Dice) or by how far it is above
+    # that organ's mean error over the pool ("excess": what is unusually wrong, not what is hard everywhere).
+    oracle_organs: str = "error"
     sites: Tuple[str, ...] = ("A", "B", "C", "D")
     starter_seed: int = 9000
     sw_batch_size: int = 1  # windows per forward pass when inferring and scoring (speed only)
@@ -112,6 +115,8 @@ class SimConfig:
                 raise ValueError("organ-level revision needs an organ priority: use importance or oracle")
         if not 1 <= self.models <= max(1, self.starters):
             raise ValueError(f"models={self.models}: each model needs its own starter; starters={self.starters}")
+        if self.oracle_organs not in ("error", "excess"):
+            raise ValueError(f"oracle_organs={self.oracle_organs!r}: choose error or excess")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose from {', '.join(POOLS)}")
         # A whole-volume arm takes a volume out of the pool; an organ-level arm leaves it there for its

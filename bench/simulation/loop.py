@@ -184,12 +184,15 @@ class Model:
         them by the error of their organs not yet revised)."""
         import nibabel as nib
 
+        errors_of = {}
         for image_id in pool_images(datastore) if partly else datastore.get_unlabeled_images():
             pred = self.predict(datastore.get_image_uri(image_id))
             dice = organ_dice(pred, np.asarray(nib.load(gt[image_id]).dataobj), self.class_indices)
-            errors = {o: 0.0 if math.isnan(d) else 1.0 - float(d) for o, d in zip(self.labels, dice)}
+            errors_of[image_id] = {o: 0.0 if math.isnan(d) else 1.0 - float(d) for o, d in zip(self.labels, dice)}
+        organ_errors = excess_over_organ_mean(errors_of) if self.cfg.oracle_organs == "excess" else errors_of
+        for image_id, errors in errors_of.items():
             datastore.update_image_info(image_id, {ORACLE_KEY: float(np.mean(list(errors.values()))),
-                                                   ORACLE_ORGANS_KEY: errors})
+                                                   ORACLE_ORGANS_KEY: organ_errors[image_id]})
 
 
 @dataclass
@@ -313,6 +316,14 @@ def _strategy(name: str, revision: str = "volume", organs_per_volume: int = 1):
         return Epistemic(k=1, key=SCORE_KEYS[kind][0])
     return {"importance": lambda: ImportanceStrategy(hold_s=0.0), "random": Random, "first": First,
             "all": First}[kind]()
+
+
+def excess_over_organ_mean(errors_of: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """Image -> organ -> how far the organ's error on the image is above that organ's mean error over the
+    images (0 where below): what is unusually wrong, not what is hard everywhere."""
+    organs = {o for errors in errors_of.values() for o in errors}
+    mean = {o: float(np.mean([e[o] for e in errors_of.values() if o in e])) for o in organs}
+    return {i: {o: max(0.0, e - mean[o]) for o, e in errors.items()} for i, errors in errors_of.items()}
 
 
 def _oracle_organs(datastore, image_id: str) -> Dict[str, float]:

@@ -361,3 +361,17 @@ def test_the_organ_level_oracle_ranks_partly_revised_volumes_on_their_organs_not
     assert pick({}, ds) == {"id": "im0"}, "partly revised, still in the pool"
     ds.save_label("im0", label, "final", {"revised": ["spleen", "pancreas"]})
     assert pick({}, ds) == {}, "no error left anywhere"
+
+
+def test_the_excess_oracle_ranks_what_is_unusually_wrong_not_what_is_hard_everywhere():
+    from bench.simulation.loop import excess_over_organ_mean
+
+    # The pancreas is bad everywhere (0.6-0.7); the left kidney fails on one image only.
+    errors = {"im0": {"pancreas": 0.7, "kidney_left": 0.1}, "im1": {"pancreas": 0.6, "kidney_left": 0.7},
+              "im2": {"pancreas": 0.65, "kidney_left": 0.1}}
+    excess = excess_over_organ_mean(errors)
+    assert excess["im1"]["kidney_left"] == pytest.approx(0.4)
+    assert excess["im0"]["pancreas"] == pytest.approx(0.05) and excess["im1"]["pancreas"] == 0.0
+    assert max(excess, key=lambda i: max(excess[i].values())) == "im1"
+    with pytest.raises(ValueError, match="oracle_organs"):
+        get_config("tiny", oracle_organs="gain")
