@@ -181,7 +181,8 @@ class Model:
         ground truth (mean over organs, and per organ; an organ absent from both counts as no error).
 
         ``partly`` (organ-level revision): partly revised images too (``_oracle_of_organs`` picks among
-        them by the error of their organs not yet revised)."""
+        them by the error of their organs not yet revised). With ``oracle_organs`` "excess" the per-organ
+        error stored is ``excess_over_organ_mean`` over the images scored (the mean stays the true error)."""
         import nibabel as nib
 
         errors_of = {}
