@@ -31,6 +31,7 @@ STRATEGIES: Dict[str, Tuple[str, Dict]] = {
 ORGAN_STRATEGIES = ("importance", "oracle")
 POOLS = ("balanced", "realistic")
 REVISIONS = ("volume", "organ")
+ORACLE_ORGAN_ERRORS = ("error", "excess")  # what the organ-level oracle ranks organs by (SimConfig.oracle_organs)
 # The settings the starting model depends on (its cache key).
 STARTER_FIELDS = ("shape", "spacing_scale", "grid_mm", "roi", "num_samples", "lr", "n_starter", "starter_iters",
                   "starter_site", "starter_seed", "labels")
@@ -115,8 +116,8 @@ class SimConfig:
                 raise ValueError("organ-level revision needs an organ priority: use importance or oracle")
         if not 1 <= self.models <= max(1, self.starters):
             raise ValueError(f"models={self.models}: each model needs its own starter; starters={self.starters}")
-        if self.oracle_organs not in ("error", "excess"):
-            raise ValueError(f"oracle_organs={self.oracle_organs!r}: choose error or excess")
+        if self.oracle_organs not in ORACLE_ORGAN_ERRORS:
+            raise ValueError(f"oracle_organs={self.oracle_organs!r}: choose from {', '.join(ORACLE_ORGAN_ERRORS)}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose from {', '.join(POOLS)}")
         # A whole-volume arm takes a volume out of the pool; an organ-level arm leaves it there for its
