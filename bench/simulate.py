@@ -6,8 +6,9 @@
 
 Per seed: phantom CTs (``testing/phantoms.py``) in an unlabelled pool (``balanced``: sites
 A-D in equal shares with hard cases; ``realistic``: mostly the starter's own site, a minority of other
-sites and hard cases) and a balanced held-out test set (sites A-D: contrast phase, noise, spacing, field
-of view; a share of hard cases); a starting SegResNet trained with the project's trainer on a few
+sites and hard cases; ``organ_local``: the starter's site, a minority with one organ that does not
+enhance) and a balanced held-out test set (sites A-D: contrast phase, noise, spacing, field of view; a
+share of hard cases; for ``organ_local``, a test set of its own kind); a starting SegResNet trained with the project's trainer on a few
 volumes of one site (the "pre-trained backbone"; ``starters`` distinct ones, seeds use them in turn,
 each trained once and cached under bench/out/starters by its settings). Per arm (strategy x revision
 mode), each round: the strategy picks volumes (``oracle``: the largest true error, the positive control;

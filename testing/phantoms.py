@@ -16,7 +16,7 @@ Geometry
     site's cranio-caudal range fills the z extent; a smooth random displacement field then warps it.
 
 Public API: :func:`make_phantom`, :func:`write_phantom`, :func:`make_sample_studies`,
-:class:`PhantomSite`, :data:`SITES`, :data:`HARD_CASES`, :func:`organ_hu`.
+:class:`PhantomSite`, :data:`SITES`, :data:`HARD_CASES`, :data:`ORGAN_CASES`, :func:`organ_hu`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ from lib.files import atomic_open
 STRUCTURES: List[str] = list(LABEL_SETS["atlas25"])
 PHASES: Tuple[str, ...] = ("native", "arterial", "portal")
 HARD_CASES: Tuple[str, ...] = ("missing_organ", "enlarged_organ", "touching", "low_contrast", "streaks")
+# Hard cases whose error is confined to one organ, the rest of the volume as usual. Kept out of HARD_CASES,
+# whose pools (and results) stay as they were: a benchmark asks for them by name.
+ORGAN_CASES: Tuple[str, ...] = ("hypodense_organ",)
+# A solid organ that enhances far less than usual: a steatotic liver, an infarcted spleen, a kidney that
+# does not function, a pancreas with pancreatitis or a tumour. It keeps its shape and its label.
+_HYPODENSE_ORGANS: Tuple[str, ...] = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas")
+_HYPODENSE_HU: Tuple[float, float] = (20.0, 45.0)
 
 # Designed mean attenuation (HU) per contrast phase: (native, arterial, portal venous).
 # Each phantom jitters these by a few HU; meta["organ_hu"] records what was actually painted.
@@ -651,6 +658,7 @@ def _apply_hard(p: dict, hard: Optional[str], rng: np.random.Generator) -> dict:
     p["missing"], p["enlarged"], p["metal"] = [], [], []
     p["kidney_gap"] = True
     p["low_contrast"] = False
+    p["hypodense"] = None
     if hard is None:
         return p
     o = p["organs"]
@@ -697,8 +705,10 @@ def _apply_hard(p: dict, hard: Optional[str], rng: np.random.Generator) -> dict:
         p["metal_kind"] = kind
         p["streak_angles"] = rng.uniform(0, np.pi, int(rng.integers(10, 18)))
         p["streak_gain"] = float(rng.uniform(250, 450))
+    elif hard == "hypodense_organ":
+        p["hypodense"] = (str(rng.choice(_HYPODENSE_ORGANS)), float(rng.uniform(*_HYPODENSE_HU)))
     else:
-        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES)} or None")
+        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES + ORGAN_CASES)} or None")
     return p
 
 
@@ -830,6 +840,8 @@ class _Painter:
     def hu_of(self, name: str) -> float:
         p = self.p
         v = _ORGAN_HU[name][self.ph] + p["hu_jitter"][name]
+        if p["hypodense"] and p["hypodense"][0] == name:
+            v = p["hypodense"][1]  # whatever the phase: the organ does not enhance
         if p["low_contrast"] and name not in ("lung_right", "lung_left", "femur_left", "femur_right"):
             # Every soft-tissue structure within a few HU of the liver: boundaries only from texture.
             ref = _ORGAN_HU["liver"][self.ph] + p["hu_jitter"]["liver"]
@@ -971,8 +983,8 @@ def _checked_request(shape, spacing_mm, site, hard) -> Tuple[PhantomSite, Tuple[
     """The resolved site, the shape (ints) and the spacing (the site's when ``spacing_mm`` is None) of a
     :func:`make_phantom` request; ``ValueError`` for an unknown site or hard case, or a bad shape or spacing."""
     site = _resolve_site(site)
-    if hard is not None and hard not in HARD_CASES:
-        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES)} or None")
+    if hard is not None and hard not in HARD_CASES + ORGAN_CASES:
+        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES + ORGAN_CASES)} or None")
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be 3 sizes >= 16 voxels, got {shape}")
@@ -1087,6 +1099,8 @@ def _phantom_meta(seed, site: PhantomSite, hard, spacing, shape, placement: _Pla
         "missing": list(p["missing"]),
         "enlarged": [(n, float(f)) for n, f in p["enlarged"]],
     }
+    if p["hypodense"]:
+        meta["hypodense"] = p["hypodense"][0]
     if p["metal"]:
         meta["metal"] = p["metal_kind"]
         meta["metal_slices"] = sorted({int(np.searchsorted(g.ax[2], c[2])) for c, _ in p["metal"]})
@@ -1108,7 +1122,7 @@ def make_phantom(
     shape: voxels (x, y, z).
     spacing_mm: voxel size in mm; default the site's.
     site: a :class:`PhantomSite` or a key of :data:`SITES`; default site "A" (portal phase).
-    hard: None or one of :data:`HARD_CASES`.
+    hard: None or one of :data:`HARD_CASES` or :data:`ORGAN_CASES`.
 
     Returns a :class:`Phantom` (image int16 HU, label uint8 SuPreM indices, RAS affine in mm).
     """

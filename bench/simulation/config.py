@@ -29,7 +29,7 @@ STRATEGIES: Dict[str, Tuple[str, Dict]] = {
 }
 # Strategies that name organs for organ-level revision (importance: its organ priority; oracle: true error).
 ORGAN_STRATEGIES = ("importance", "oracle")
-POOLS = ("balanced", "realistic")
+POOLS = ("balanced", "realistic", "organ_local")
 REVISIONS = ("volume", "organ")
 ORACLE_ORGAN_ERRORS = ("error", "excess")  # what the organ-level oracle ranks organs by (SimConfig.oracle_organs)
 # The settings the starting model depends on (its cache key).
@@ -48,9 +48,12 @@ class SimConfig:
     learns where organs sit relative to a border that inference moves). Choose ``roi`` smaller than
     the working grid, so that training crops fall at random positions.
 
-    Pool: ``balanced`` (the sites in equal shares, ``hard_fraction`` hard cases, like the test set) or
+    Pool: ``balanced`` (the sites in equal shares, ``hard_fraction`` hard cases, like the test set),
     ``realistic`` (a collection: ``1 - shifted_fraction`` of it the starter's own site without a hard case,
-    the rest other sites and hard cases). The test set is always balanced: the model must serve every site.
+    the rest other sites and hard cases) or ``organ_local`` (the starter's own site throughout,
+    ``shifted_fraction`` of it with one organ unlike the starter's: what the model gets wrong is confined to
+    one organ of a volume, the case for organ-level revision). The test set is balanced (the model must serve
+    every site), except for ``organ_local``: the starter's site, ``hard_fraction`` of it with such an organ.
 
     Rounds: each of ``rounds`` rounds, a whole-volume arm revises ``volumes_per_round`` volumes; an
     organ-level arm revises the first ``organs_per_volume`` organs of ``organ_volumes_per_round``
@@ -93,7 +96,7 @@ class SimConfig:
     steps_per_label: int
     labels: str = "atlas25"
     pool: str = "balanced"
-    shifted_fraction: float = 0.25  # realistic pool: the share not like the starter's own volumes
+    shifted_fraction: float = 0.25  # realistic and organ_local pools: the share not like the starter's own volumes
     replay_starter: bool = False
     starters: int = 1
     models: int = 1  # models scoring the pool: the served one and companions of the next starters

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from testing.phantoms import HARD_CASES, SITES, make_phantom, write_phantom
+from testing.phantoms import HARD_CASES, ORGAN_CASES, SITES, make_phantom, write_phantom
 
 ROLES = {"starter": 0, "pool": 1, "test": 2}
 
@@ -23,9 +23,10 @@ class Study:
     gt: str
     site: str
     hard: Optional[str]
+    odd_organ: Optional[str] = None  # the organ an ORGAN_CASES hard case changed
 
     def tag(self) -> str:
-        return f"{self.id}:{self.site}:{self.hard or '-'}"
+        return f"{self.id}:{self.site}:{self.hard or '-'}" + (f"({self.odd_organ})" if self.odd_organ else "")
 
 
 def study_seed(seed: int, role: str, index: int) -> int:
@@ -68,18 +69,30 @@ def _realistic_plan(n: int, home: str, sites, shifted_fraction: float, rng: np.r
     return [plan[i] for i in order]
 
 
+def _organ_local_plan(n: int, home: str, fraction: float, rng: np.random.Generator):
+    """(site, hard case) for n studies of the ``home`` site: ``fraction`` of them with an error confined to
+    one organ (ORGAN_CASES in turn), the rest like the starter's own volumes, in a shuffled order."""
+    n_local = int(round(fraction * n))
+    plan = [(home, ORGAN_CASES[i % len(ORGAN_CASES)]) for i in range(n_local)] + [(home, None)] * (n - n_local)
+    order = rng.permutation(n)
+    return [plan[i] for i in order]
+
+
 def make_studies(folder: str, gt_folder: str, role: str, n: int, seed: int, cfg, sites=None, hard_fraction=None,
-                 prefix: Optional[str] = None, realistic: bool = False) -> List[Study]:
+                 prefix: Optional[str] = None, plan: str = "balanced") -> List[Study]:
     """Write ``n`` phantoms of ``role`` as ``folder/<prefix>_<i>.nii.gz``, ground truth in ``gt_folder``.
 
-    realistic: the collection-like plan (``cfg.shifted_fraction`` away from the starter's first site),
-    else sites in equal shares with ``hard_fraction`` hard cases."""
+    plan: ``balanced`` (sites in equal shares with ``hard_fraction`` hard cases), ``realistic`` (the
+    collection-like plan, ``cfg.shifted_fraction`` away from the starter's first site) or ``organ_local``
+    (the starter's first site, ``hard_fraction`` of it with one organ unlike the starter's)."""
     sites = list(sites or cfg.sites)
     hf = cfg.hard_fraction if hard_fraction is None else hard_fraction
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), ROLES[role], 10_000]))
-    if realistic:
-        home = cfg.starter_site.split(",")[0].strip()
+    home = cfg.starter_site.split(",")[0].strip()
+    if plan == "realistic":
         plan = _realistic_plan(n, home, sites, cfg.shifted_fraction, rng)
+    elif plan == "organ_local":
+        plan = _organ_local_plan(n, home, hf, rng)
     else:
         plan = _plan(n, sites, hf, rng)
     out = []
@@ -88,7 +101,7 @@ def make_studies(folder: str, gt_folder: str, role: str, n: int, seed: int, cfg,
         ph = make_phantom(study_seed(seed, role, i), shape=cfg.shape, spacing_mm=site_spacing(site, cfg.spacing_scale),
                           site=site, hard=hard)
         image, gt = write_phantom(ph, folder, name, label_dir=os.path.abspath(gt_folder))
-        out.append(Study(name, image, gt, site, hard))
+        out.append(Study(name, image, gt, site, hard, ph.meta.get("hypodense")))
     return out
 
 

@@ -291,6 +291,20 @@ def test_a_realistic_pool_is_mostly_the_starters_own_site_without_hard_cases():
     assert {s for s, _ in shifted} >= {"B", "C", "D"} and any(h for _, h in shifted)
 
 
+def test_an_organ_local_pool_is_the_starters_site_with_one_odd_organ_in_a_share_of_it(tmp_path):
+    from bench.simulation.data import _organ_local_plan, make_studies
+
+    plan = _organ_local_plan(24, "A", 0.25, np.random.default_rng(0))
+    assert len(plan) == 24 and plan.count(("A", "hypodense_organ")) == 6 and plan.count(("A", None)) == 18
+    cfg = get_config("tiny", n_pool=4)
+    studies = make_studies(str(tmp_path / "im"), str(tmp_path / "gt"), "pool", 4, 0, cfg, plan="organ_local",
+                           hard_fraction=0.5)
+    odd = [s for s in studies if s.hard]
+    assert len(odd) == 2 and all(s.site == "A" and s.odd_organ for s in studies if s.hard)
+    assert all(s.tag().endswith(f"({s.odd_organ})") for s in odd)
+    assert all(s.odd_organ is None and s.tag().endswith(":-") for s in studies if not s.hard)
+
+
 def test_organ_drift_separates_revised_from_never_revised_organs():
     def row(rnd, picked, liver, spleen, aorta):
         return {"seed": 0, "strategy": "importance", "revision": "organ", "round": rnd, "picked": picked,

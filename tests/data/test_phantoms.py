@@ -16,6 +16,7 @@ from lib.classes import CLASS_INDEX, LABEL_SETS  # noqa: E402
 from testing import phantoms  # noqa: E402
 from testing.phantoms import (  # noqa: E402
     HARD_CASES,
+    ORGAN_CASES,
     SITES,
     STRUCTURES,
     make_phantom,
@@ -215,6 +216,7 @@ def test_unknown_hard_case_and_site_rejected():
     with pytest.raises(ValueError, match="site"):
         make_phantom(0, shape=SMALL, site="Z")
     assert set(HARD_CASES) == {"missing_organ", "enlarged_organ", "touching", "low_contrast", "streaks"}
+    assert set(ORGAN_CASES) == {"hypodense_organ"}
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -264,6 +266,21 @@ def test_streaks():
     assert diff[base.image[:, :, k] > -500].mean() > 20
     far = [z for z in range(hard.image.shape[2]) if min(abs(z - s) for s in hard.meta["metal_slices"]) > 12]
     assert far and np.array_equal(hard.image[:, :, far], base.image[:, :, far])
+
+
+def test_hypodense_organ_changes_that_organ_alone():
+    base, hard = phantom(0, "A"), phantom(0, "A", "hypodense_organ")
+    odd = hard.meta["hypodense"]
+    assert np.array_equal(base.label, hard.label)  # the organ keeps its shape and its label
+    assert 10 <= core_median(hard, odd) <= 55 and core_median(base, odd) >= 90  # portal phase: it did not enhance
+    organ = hard.label == CLASS_INDEX[odd]
+    near = ndimage.binary_dilation(organ, iterations=4)
+    assert not np.array_equal(hard.image[organ], base.image[organ])
+    assert np.array_equal(hard.image[~near], base.image[~near])  # the rest of the volume as it was
+    assert {k: v for k, v in hard.meta["organ_hu"].items() if k != odd} == {
+        k: v for k, v in base.meta["organ_hu"].items() if k != odd}
+    # Which organ varies with the seed.
+    assert len({make_phantom(s, shape=SMALL, hard="hypodense_organ").meta["hypodense"] for s in range(8)}) >= 3
 
 
 # Sample folders --------------------------------------------------------------------------------
