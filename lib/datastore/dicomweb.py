@@ -177,12 +177,24 @@ class CheckedDICOMWebDatastore(LocalDatastoreHooks, PreannotationStore, DICOMWeb
         found: List[Tuple[str, str]] = []
         for found_series in client.search_for_series(search_filters=filters):
             seg = Dataset.from_json(found_series)
-            study_uid, seg_uid = str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID)
+            referenced, when = self._seg_reference(client, str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID))
+            if referenced == image_id:
+                found.append((when, str(seg.SeriesInstanceUID)))
+        return [uid for _, uid in sorted(found)]
+
+    def _seg_reference(self, client, study_uid: str, seg_uid: str) -> Tuple[str, str]:
+        """(the series a SEG references, its series date and time), from the SEG's metadata, asked of the
+        PACS once per SEG: a stored series does not change, and Next Sample looks at every held image's
+        study at every call."""
+        from pydicom.dataset import Dataset
+
+        known = self.__dict__.setdefault("_seg_references", {})
+        if seg_uid not in known:
             meta = Dataset.from_json(client.retrieve_series_metadata(study_uid, seg_uid)[0])
             ref = meta.get("ReferencedSeriesSequence")
-            if ref and str(ref[0].get("SeriesInstanceUID", "")) == image_id:
-                found.append((f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}", seg_uid))
-        return [uid for _, uid in sorted(found)]
+            referenced = str(ref[0].get("SeriesInstanceUID", "")) if ref else ""
+            known[seg_uid] = (referenced, f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}")
+        return known[seg_uid]
 
     def revised_by_image(self) -> Dict[str, List[str]]:
         """Image file (real path, as ``datalist`` names it) -> the organs revised in its final label (every

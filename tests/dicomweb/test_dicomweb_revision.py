@@ -170,6 +170,28 @@ def test_a_seg_stored_in_the_pacs_after_an_anonymous_next_sample_is_read_with_th
         assert json.load(r)["completed"] >= 1
     # What the trainer masks its loss with: exactly those organs of this image.
     assert _trainer_view(server)[image] == sorted(handed + [drawn])
+    _assert_a_segs_metadata_is_asked_once(orthanc, image, tmp_path)
+
+
+def _assert_a_segs_metadata_is_asked_once(orthanc, image, tmp_path):
+    """Next Sample looks for SEGs of every held image at every call: the PACS is asked for a SEG's metadata
+    (which series it references) once, not at each look (a datastore of this app on the same PACS)."""
+    from dicomweb_client import DICOMwebClient
+
+    from lib.datastore.dicomweb import CheckedDICOMWebDatastore
+
+    client = DICOMwebClient(url=orthanc.dicomweb)
+    asked = []
+    retrieve = client.retrieve_series_metadata
+    client.retrieve_series_metadata = lambda *a, **k: asked.append(a) or retrieve(*a, **k)
+    datastore = CheckedDICOMWebDatastore(client, {"Modality": "CT"}, cache_path=str(tmp_path / "cache"))
+    segs = [s["MainDicomTags"]["SeriesInstanceUID"] for s in orthanc.find_series(Modality="SEG")]
+    before = len(asked)
+    found = datastore._segs_of(image)  # a fresh cache knows no study: every SEG of the PACS is looked at
+    assert len(found) == 1 and found[0] in segs
+    assert len(asked) - before == len(segs) >= 1
+    assert datastore._segs_of(image) == found and datastore._segs_of(image) == found
+    assert len(asked) - before == len(segs), asked
 
 
 def _trainer_view(server):
