@@ -8,10 +8,10 @@ Per seed: phantom CTs (``testing/phantoms.py``) in an unlabelled pool (``balance
 A-D in equal shares with hard cases; ``realistic``: mostly the starter's own site, a minority of other
 sites and hard cases; ``organ_local``: the starter's site, a minority with one organ that does not
 enhance) and a balanced held-out test set (sites A-D: contrast phase, noise, spacing, field of view; a
-share of hard cases; for ``organ_local``, a test set of its own kind); a starting SegResNet trained with the project's trainer on a few
-volumes of one site (the "pre-trained backbone"; ``starters`` distinct ones, seeds use them in turn,
-each trained once and cached under bench/out/starters by its settings). Per arm (strategy x revision
-mode), each round: the strategy picks volumes (``oracle``: the largest true error, the positive control;
+share of hard cases; for ``organ_local``, a test set of its own kind); a starting SegResNet trained with
+the project's trainer on a few volumes of one site (the "pre-trained backbone"; ``starters`` distinct
+ones, seeds use them in turn, each trained once and cached under bench/out/starters by its settings).
+Per arm (strategy x revision mode), each round: the strategy picks volumes (``oracle``: the largest true error, the positive control;
 ``random``; ``size``: predicted organ size; ``entropy``: mean entropy, MONAI Label's ``Epistemic``;
 ``importance``: the app's score and strategy; ``all``: the whole pool at once, the upper bound), a
 simulated annotator revises them (the whole volume = ground truth; or organ-level = the listed organs,

@@ -79,19 +79,19 @@ def _organ_local_plan(n: int, home: str, fraction: float, rng: np.random.Generat
 
 
 def make_studies(folder: str, gt_folder: str, role: str, n: int, seed: int, cfg, sites=None, hard_fraction=None,
-                 prefix: Optional[str] = None, plan: str = "balanced") -> List[Study]:
+                 prefix: Optional[str] = None, kind: str = "balanced") -> List[Study]:
     """Write ``n`` phantoms of ``role`` as ``folder/<prefix>_<i>.nii.gz``, ground truth in ``gt_folder``.
 
-    plan: ``balanced`` (sites in equal shares with ``hard_fraction`` hard cases), ``realistic`` (the
+    kind: ``balanced`` (sites in equal shares with ``hard_fraction`` hard cases), ``realistic`` (the
     collection-like plan, ``cfg.shifted_fraction`` away from the starter's first site) or ``organ_local``
     (the starter's first site, ``hard_fraction`` of it with one organ unlike the starter's)."""
     sites = list(sites or cfg.sites)
     hf = cfg.hard_fraction if hard_fraction is None else hard_fraction
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), ROLES[role], 10_000]))
     home = cfg.starter_site.split(",")[0].strip()
-    if plan == "realistic":
+    if kind == "realistic":
         plan = _realistic_plan(n, home, sites, cfg.shifted_fraction, rng)
-    elif plan == "organ_local":
+    elif kind == "organ_local":
         plan = _organ_local_plan(n, home, hf, rng)
     else:
         plan = _plan(n, sites, hf, rng)

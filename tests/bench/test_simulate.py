@@ -297,7 +297,7 @@ def test_an_organ_local_pool_is_the_starters_site_with_one_odd_organ_in_a_share_
     plan = _organ_local_plan(24, "A", 0.25, np.random.default_rng(0))
     assert len(plan) == 24 and plan.count(("A", "hypodense_organ")) == 6 and plan.count(("A", None)) == 18
     cfg = get_config("tiny", n_pool=4)
-    studies = make_studies(str(tmp_path / "im"), str(tmp_path / "gt"), "pool", 4, 0, cfg, plan="organ_local",
+    studies = make_studies(str(tmp_path / "im"), str(tmp_path / "gt"), "pool", 4, 0, cfg, kind="organ_local",
                            hard_fraction=0.5)
     odd = [s for s in studies if s.hard]
     assert len(odd) == 2 and all(s.site == "A" and s.odd_organ for s in studies if s.hard)
