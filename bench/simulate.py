@@ -11,8 +11,8 @@ enhance) and a balanced held-out test set (sites A-D: contrast phase, noise, spa
 share of hard cases; for ``organ_local``, a test set of its own kind); a starting SegResNet trained with
 the project's trainer on a few volumes of one site (the "pre-trained backbone"; ``starters`` distinct
 ones, seeds use them in turn, each trained once and cached under bench/out/starters by its settings).
-Per arm (strategy x revision mode), each round: the strategy picks volumes (``oracle``: the largest true error, the positive control;
-``random``; ``size``: predicted organ size; ``entropy``: mean entropy, MONAI Label's ``Epistemic``;
+Per arm (strategy x revision mode), each round: the strategy picks volumes (``oracle``: the largest
+true error, the positive control; ``random``; ``size``: predicted organ size; ``entropy``: mean entropy, MONAI Label's ``Epistemic``;
 ``importance``: the app's score and strategy; ``all``: the whole pool at once, the upper bound), a
 simulated annotator revises them (the whole volume = ground truth; or organ-level = the listed organs,
 through the app's datastore, trained on those organs only), the backbone retrains from the previous
