@@ -4,20 +4,21 @@
     .venv/bin/python -m bench.simulate --config tiny --out /tmp/sim   # a smoke run of a few minutes
     .venv/bin/python -m bench.simulate --config gpu --device cuda     # the recipe's grid, for a GPU
 
-Per seed: phantom CTs (``testing/phantoms.py``) in an unlabelled pool (``balanced``: sites
-A-D in equal shares with hard cases; ``realistic``: mostly the starter's own site, a minority of other
-sites and hard cases; ``organ_local``: the starter's site, a minority with one organ that does not
-enhance) and a balanced held-out test set (sites A-D: contrast phase, noise, spacing, field of view; a
-share of hard cases; for ``organ_local``, a test set of its own kind); a starting SegResNet trained with
-the project's trainer on a few volumes of one site (the "pre-trained backbone"; ``starters`` distinct
-ones, seeds use them in turn, each trained once and cached under bench/out/starters by its settings).
-Per arm (strategy x revision mode), each round: the strategy picks volumes (``oracle``: the largest
-true error, the positive control; ``random``; ``size``: predicted organ size; ``entropy``: mean entropy, MONAI Label's ``Epistemic``;
-``importance``: the app's score and strategy; ``all``: the whole pool at once, the upper bound), a
-simulated annotator revises them (the whole volume = ground truth; or organ-level = the listed organs,
-through the app's datastore, trained on those organs only), the backbone retrains from the previous
-round's model for a fixed number of steps per labelled volume (the starter's own phantoms labelled from
-the start with ``replay_starter``), and the test Dice is measured through the app's infer task.
+Per seed: phantom CTs (``testing/phantoms.py``) in an unlabelled pool (``balanced``: sites A-D in equal
+shares with hard cases; ``realistic``: mostly the starter's own site, a minority of other sites and hard
+cases; ``organ_local``: the starter's site, a minority with one organ that does not enhance) and a
+balanced held-out test set (sites A-D: contrast phase, noise, spacing, field of view; a share of hard
+cases; for ``organ_local``, a test set of its own kind); a starting SegResNet trained with the project's
+trainer on a few volumes of one site (the "pre-trained backbone"; ``starters`` distinct ones, seeds use
+them in turn, each trained once and cached under bench/out/starters by its settings). Per arm (strategy
+x revision mode), each round: the strategy picks volumes (``oracle``: the largest true error, the
+positive control; ``random``; ``size``: predicted organ size; ``entropy``: mean entropy, MONAI Label's
+``Epistemic``; ``importance``: the app's score and strategy; ``all``: the whole pool at once, the upper
+bound), a simulated annotator revises them (the whole volume = ground truth; or organ-level = the listed
+organs, through the app's datastore, trained on those organs only), the backbone retrains from the
+previous round's model for a fixed number of steps per labelled volume (the starter's own phantoms
+labelled from the start with ``replay_starter``), and the test Dice is measured through the app's infer
+task.
 
 Writes to ``--out``: ``rounds.csv`` (every round, with each test volume's Dice per organ),
 ``dice_vs_annotation.png`` (bootstrap 95% bands), ``summary.md`` (the issue's targets, met or not),
