@@ -44,6 +44,7 @@ ORGAN_CASES: Tuple[str, ...] = ("hypodense_organ",)
 # does not function, a pancreas with pancreatitis or a tumour. It keeps its shape and its label.
 _HYPODENSE_ORGANS: Tuple[str, ...] = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas")
 _HYPODENSE_HU: Tuple[float, float] = (20.0, 45.0)
+_KNOWN_CASES: Tuple[str, ...] = HARD_CASES + ORGAN_CASES  # what make_phantom's ``hard`` accepts
 
 # Designed mean attenuation (HU) per contrast phase: (native, arterial, portal venous).
 # Each phantom jitters these by a few HU; meta["organ_hu"] records what was actually painted.
@@ -708,7 +709,7 @@ def _apply_hard(p: dict, hard: Optional[str], rng: np.random.Generator) -> dict:
     elif hard == "hypodense_organ":
         p["hypodense"] = (str(rng.choice(_HYPODENSE_ORGANS)), float(rng.uniform(*_HYPODENSE_HU)))
     else:
-        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES + ORGAN_CASES)} or None")
+        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(_KNOWN_CASES)} or None")
     return p
 
 
@@ -983,8 +984,8 @@ def _checked_request(shape, spacing_mm, site, hard) -> Tuple[PhantomSite, Tuple[
     """The resolved site, the shape (ints) and the spacing (the site's when ``spacing_mm`` is None) of a
     :func:`make_phantom` request; ``ValueError`` for an unknown site or hard case, or a bad shape or spacing."""
     site = _resolve_site(site)
-    if hard is not None and hard not in HARD_CASES + ORGAN_CASES:
-        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(HARD_CASES + ORGAN_CASES)} or None")
+    if hard is not None and hard not in _KNOWN_CASES:
+        raise ValueError(f"unknown hard case {hard!r}; choose one of {', '.join(_KNOWN_CASES)} or None")
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be 3 sizes >= 16 voxels, got {shape}")

@@ -221,10 +221,11 @@ def prepare_seed(cfg: SimConfig, seed: int, work: str, starters: Sequence[str], 
     t = time.time()
     # An organ-local pool has its own kind of test set (the starter's site, hard_fraction of it with one organ
     # unlike the starter's); otherwise the test set is balanced: the model must serve every site.
+    organ_local = cfg.pool == "organ_local"
     pool = make_studies(os.path.join(folder, "pool"), os.path.join(folder, "pool_gt"), "pool", cfg.n_pool, seed, cfg,
-                        kind=cfg.pool, hard_fraction=cfg.shifted_fraction if cfg.pool == "organ_local" else None)
+                        kind=cfg.pool, hard_fraction=cfg.shifted_fraction if organ_local else None)
     test = make_studies(os.path.join(folder, "test"), os.path.join(folder, "test_gt"), "test", cfg.n_test, seed, cfg,
-                        kind="organ_local" if cfg.pool == "organ_local" else "balanced")
+                        kind=cfg.pool if organ_local else "balanced")
     replay = []
     if cfg.replay_starter:
         replay = starter_studies(cfg, os.path.join(folder, "replay"), os.path.join(folder, "replay_gt"),
