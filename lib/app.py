@@ -26,6 +26,7 @@ from lib.monailabel_private import cancel_queued_tasks, queue_threads_alive, ret
 from lib.stopping import end_child_processes, install_stop_handlers, on_stop, stop_reason
 from lib.scoring.importance import ImportanceScoring
 from lib.strategies.importance import ImportanceStrategy
+from lib.strategies.panel import RandomUnlessPanel
 from lib.transforms.recipe import PRESETS, recipe_fit
 from lib.weights import WeightsRegistry
 
@@ -260,9 +261,9 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
             state_file=os.path.join(state_dir, HANDOUTS_FILE),  # a restart keeps who holds what
         )
         # One importance strategy, whichever name asks: its hand-outs are what a later save is read against.
-        random = importance if cfg.random_strategy == "importance" else Random()
-        if random is importance:
-            logger.info("Next Sample 'random' is answered by 'importance' (--conf random_strategy importance)")
+        random = RandomUnlessPanel(importance) if cfg.random_strategy == "importance" else Random()
+        if cfg.random_strategy == "importance":
+            logger.info("Next Sample 'random' from OHIF's panel is answered by 'importance' (--conf random_strategy)")
         tasks.strategies.update({"importance": importance, "random": random, "first": First()})
     for b in cfg.models:
         logger.info(f"Model {b}: {registry.info(b)}")

@@ -107,8 +107,9 @@ class AppConfig:
     opening_mm: float = 0.0  # calibrated mode: thinnest uncertain structure kept (mm; 0: no opening)
     diversity_temperature: float = 0.0  # Next Sample's batch noise at round 0 (0: the top of one sorted list)
     diversity_decay: float = 0.5  # the temperature's factor per round done
-    # What answers a Next Sample that asks for ``random``: MONAI Label's Random, or the importance strategy
-    # (for OHIF: MONAI Label 0.8.5's OHIF panel asks ``random`` whatever its Strategy list shows).
+    # What answers a Next Sample that asks for ``random``: MONAI Label's Random, or, for requests without a
+    # client_id, the importance strategy (for OHIF: MONAI Label 0.8.5's OHIF panel asks ``random`` whatever
+    # its Strategy list shows, and sends no client_id; 3D Slicer and MONAI Label's client always send one).
     random_strategy: str = "random"
 
 

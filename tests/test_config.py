@@ -60,20 +60,31 @@ def test_compile_and_channels_last_are_opt_in_recipe_switches(key):
 
 
 def test_random_strategy_conf_says_what_answers_a_next_sample_asking_random(tmp_path):
-    """OHIF's panel (MONAI Label 0.8.5) asks ``random`` whatever its Strategy list shows: ``--conf
-    random_strategy importance`` answers it with the importance strategy itself (the one whose organ
-    hand-outs a later save is read against); by default MONAI Label's Random answers; other values: named."""
+    """OHIF's panel (MONAI Label 0.8.5) asks ``random`` whatever its Strategy list shows, and sends no
+    ``client_id``: ``--conf random_strategy importance`` answers such a request with the importance strategy
+    itself (the one whose organ hand-outs a later save is read against), while a request that carries the
+    key, as MONAI Label's client and the 3D Slicer plugin always send it (null without an id), gets MONAI
+    Label's Random; by default Random answers everyone; other values: named."""
     from monailabel.tasks.activelearning.random import Random
 
-    from lib.app import build_tasks
+    from lib.app import build_tasks, checked_local_datastore
+    from lib.classes import CLASS_INDEX
+    from support import tiny_studies
 
     def strategies(**conf):
         settings = {"models": "segresnet", "weights_dir": str(tmp_path / "w"), "use_pretrained_model": "false", **conf}
-        return build_tasks(str(tmp_path / "app"), str(tmp_path / "studies"), settings).strategies
+        return build_tasks(str(tmp_path / "app"), str(studies), settings).strategies
 
+    studies, _ = tiny_studies(tmp_path, n=2)
+    datastore = checked_local_datastore(str(studies), CLASS_INDEX.values())
     default = strategies()
     assert isinstance(default["random"], Random) and default["random"] is not default["importance"]
     served = strategies(random_strategy="importance")
-    assert served["random"] is served["importance"]
+    panel = served["random"]({"strategy": "random"}, datastore)  # OHIF's panel: only its list's params
+    assert panel["id"] in ("im0", "im1") and "scored" in panel and "weight" not in panel, panel
+    slicer = served["random"]({"strategy": "random", "client_id": None}, datastore)
+    assert slicer["id"] in ("im0", "im1") and "weight" in slicer and "scored" not in slicer, slicer
+    named = served["random"]({"strategy": "random", "client_id": "reader-2"}, datastore)
+    assert "weight" in named and "scored" not in named, named
     with pytest.raises(ConfError, match="random_strategy 'first'.*random, importance"):
         parse_conf({"random_strategy": "first"})
