@@ -187,12 +187,10 @@ class Browser:
             " const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()" % json.dumps(selector)
         )
 
-    def click(self, selector: str, clicks: int = 1):
-        """Mouse clicks (``clicks`` = 2: a double click) on the middle of the element matching ``selector``."""
-        r = self.rect(selector)
-        if not r:
-            raise RuntimeError(f"nothing to click: no element matches {selector!r}")
-        x, y = r[0] + r[2] / 2, r[1] + r[3] / 2
+    def click(self, selector: str, clicks: int = 1, timeout: float = 30.0):
+        """Mouse clicks (``clicks`` = 2: a double click) on the middle of the element matching ``selector``,
+        once nothing covers it (see ``_clickable``)."""
+        x, y = self._clickable("document.querySelector(%s)" % json.dumps(selector), repr(selector), timeout)
         if clicks == 1:
             return self.click_at(x, y)
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
@@ -200,17 +198,41 @@ class Browser:
             self.send("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=n)
             self.send("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", clickCount=n)
 
-    def click_text(self, selector: str, text: str):
-        """A mouse click on the first visible element matching ``selector`` whose text is ``text``."""
-        r = self.evaluate(
-            "(() => { const e = Array.from(document.querySelectorAll(%s)).find(e => e.offsetParent !== null"
-            " && e.innerText.trim() === %s); if (!e) return null; e.scrollIntoView({block: 'nearest'});"
-            " const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()"
+    def click_text(self, selector: str, text: str, timeout: float = 30.0):
+        """A mouse click on the first visible element matching ``selector`` whose text is ``text``, once
+        nothing covers it (see ``_clickable``)."""
+        find = (
+            "Array.from(document.querySelectorAll(%s)).find(e => e.offsetParent !== null && e.innerText.trim() === %s)"
             % (json.dumps(selector), json.dumps(text))
         )
-        if not r:
-            raise RuntimeError(f"nothing to click: no visible {selector!r} reads {text!r}")
-        self.click_at(r[0] + r[2] / 2, r[1] + r[3] / 2)
+        self.click_at(*self._clickable(find, f"a visible {selector!r} reading {text!r}", timeout))
+
+    def _clickable(self, find: str, what: str, timeout: float) -> Tuple[float, float]:
+        """The page point at the middle of the element that JavaScript ``find`` returns, scrolled into view,
+        once that element (or one inside it) is what a click there hits and it has stayed there for two looks
+        0.25 s apart: a person clicks what they see, not what a closing dialog or a notification covers, nor
+        where a button was before the panel above it grew (under load OHIF's panel takes seconds to settle:
+        a Next Sample button seen at y 247, 285 and 327 px in three looks; a click the layout swallows is
+        lost without a trace)."""
+        probe = (
+            "(() => { const e = %s; if (!e) return null; e.scrollIntoView({block: 'nearest'});"
+            " const r = e.getBoundingClientRect(); const x = r.x + r.width / 2, y = r.y + r.height / 2;"
+            " const hit = document.elementFromPoint(x, y);"
+            " if (hit && (hit === e || e.contains(hit))) return [x, y];"
+            " if (!hit) return 'outside the page';"
+            " return 'covered by <' + hit.tagName.toLowerCase() + ' class=\"' + (hit.getAttribute('class') || '') + '\">'; })()"
+            % find
+        )
+        deadline, before = time.time() + timeout, None
+        while True:
+            found = self.evaluate(probe)
+            if isinstance(found, list) and found == before:
+                return found[0], found[1]
+            before = found if isinstance(found, list) else None
+            if time.time() > deadline:
+                state = "still moving" if isinstance(found, list) else found or "not on the page"
+                raise RuntimeError(f"nothing to click after {timeout:.0f} s: {what} is {state}")
+            time.sleep(0.25)
 
     def click_at(self, x: float, y: float):
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)

@@ -351,19 +351,28 @@ def _wait(ready, what: str, browser: Browser, timeout: float = 120.0):
         time.sleep(1.0)
 
 
+def _open_tab(browser: Browser, label: str, switch: str):
+    """The panel's section ``label`` opened (its label clicked unless its ``switch`` input is checked) and
+    seen open before anything in it is clicked."""
+    is_open = f"document.querySelector({json.dumps(switch)}).checked"
+    if not browser.evaluate(is_open):
+        browser.click_text(f"{PANEL} label.tab-label", label)
+        browser.wait_for(is_open, f"the panel's {label} section open after a click on its label", 30)
+
+
 def _next_sample(browser: Browser, strategy: str) -> Dict[str, str]:
     """Next Sample pressed in the panel's Active Learning tab with ``strategy`` chosen in its Strategy list:
     the fields of OHIF's Next Sample dialog (``Study Instance UID``, ``Series Instance UID``, ...). The
     panel asks ``random`` whatever is chosen (its list's onChange, this.onChangeStrategy, is never defined
     in MONAI Label 0.8.5's bundle): accepted here, as the server answers it with ``random_strategy``."""
-    if not browser.evaluate(f"document.querySelector('{PANEL} .tab-switch[name=activelearning]').checked"):
-        browser.click_text(f"{PANEL} label.tab-label", "Active Learning")
+    _open_tab(browser, "Active Learning", f"{PANEL} .tab-switch[name=activelearning]")
     browser.choose(f"{PANEL} select", strategy)  # the tab's Strategy list is the panel's first
     asked = len(browser.requests_to("/activelearning/"))
-    browser.click_text(f"{PANEL} button", "Next Sample")
-    text = browser.wait_for("document.querySelector('.nextSampleForm')?.innerText", "OHIF's Next Sample dialog", 120)
+    browser.click_text(f"{PANEL} button", "Next Sample")  # where the button is once the panel stops moving
+    _wait(lambda: browser.requests_to("/activelearning/")[asked:], "the panel's Next Sample request answered", browser)
     url = browser.requests_to("/activelearning/")[asked:]
-    assert url and url[-1].endswith((f"/activelearning/{strategy}", "/activelearning/random")), url
+    assert url[-1].endswith((f"/activelearning/{strategy}", "/activelearning/random")), url
+    text = browser.wait_for("document.querySelector('.nextSampleForm')?.innerText", "OHIF's Next Sample dialog", 60)
     rows = [line.split("\t") for line in text.split("\n")]
     return {r[0].strip(): r[1].strip() for r in rows if len(r) == 2}
 
@@ -378,8 +387,7 @@ def _labelled_voxels(browser: Browser) -> int:
 
 def _run_model(browser: Browser, model: str):
     """Auto-Segmentation's Run with ``model``: the model's label of the study's image drawn in OHIF."""
-    if not browser.evaluate(f"document.querySelector('{PANEL} .tab-switch[value=segmentation]').checked"):
-        browser.click_text(f"{PANEL} label.tab-label", "Auto-Segmentation")
+    _open_tab(browser, "Auto-Segmentation", f"{PANEL} .tab-switch[value=segmentation]")
     chosen = browser.evaluate(f"document.querySelectorAll('{PANEL} select')[1].value")
     assert chosen == model, f"Auto-Segmentation offers {chosen!r} first"
     browser.click_text(f"{PANEL} button", "Run")
