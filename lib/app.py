@@ -156,6 +156,9 @@ class Tasks:
             info["rounds"] = self.rounds.info()
         if self.datastore is not None:
             info["revision"] = revision_progress(self.datastore(), self.cfg.labels)
+        strategy = self.strategies.get("importance")
+        if strategy is not None:
+            info["handouts"] = strategy.open_handouts()
         return {"suprem": info}
 
 

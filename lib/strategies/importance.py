@@ -138,6 +138,31 @@ class ImportanceStrategy(Strategy):
             organs = [k for k, h in held.items() if h.client == client and now - h.since < self.hold_s]
         return None if not organs or WHOLE in organs else organs
 
+    def open_handouts(self) -> List[Dict]:
+        """What Next Sample holds now, newest first, for ``/info/`` (OHIF's Next Sample dialog shows only the
+        study and series; its panel's Info link opens ``/info/``): per image and annotator, the organs to
+        revise (``whole``: the whole image), who asked (``anonymous``: requests that said nobody, as OHIF's
+        panel) and the seconds left of ``hold_s``."""
+        with self._lock:
+            now = time.time()
+            grouped: Dict[Tuple[str, Optional[str]], Dict] = {}
+            for image_id, held in self._handed.items():
+                for key, h in held.items():
+                    if now - h.since >= self.hold_s:
+                        continue
+                    entry = grouped.setdefault(
+                        (image_id, h.client),
+                        {"image": image_id, "client": h.client or "anonymous", "organs": [], "since": h.since},
+                    )
+                    entry["organs"].append(key)
+                    entry["since"] = max(entry["since"], h.since)
+        out = []
+        for entry in sorted(grouped.values(), key=lambda e: -e["since"]):
+            organs = "whole" if WHOLE in entry["organs"] else entry["organs"]
+            left = int(self.hold_s - (now - entry.pop("since")))
+            out.append(dict(entry, organs=organs, hold_left_s=left))
+        return out
+
     def _read_handouts(self) -> Dict[str, Dict[str, Hold]]:
         """The hand-outs ``state_file`` kept (expired ones drop out at the next Next Sample); an entry
         that cannot be read is skipped with a warning: it is handed out again."""

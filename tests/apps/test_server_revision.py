@@ -172,7 +172,13 @@ def test_next_sample_hands_out_the_organs_still_to_revise(env, tmp_path):
     assert [a["organs"] for a in answers] == [attention[2:4], attention[4:6]]
     left = sum(v for o, v in record["organ_scores"].items() if o not in attention[:2])
     assert answers[0]["score"] == int(round(left)) and answers[0]["revised"] == sorted(attention[:2])
-    # /info/: per organ, images revised and images still carrying attention.
+    # /info/: what is handed out now (OHIF's Next Sample dialog shows no organs; its Info link opens this),
+    # per organ, images revised and images still carrying attention.
+    # (MONAILabelClient sends its own client_id, None here, over the params': the two asked anonymously.)
+    handouts = {h["client"]: h for h in client.info()["suprem"]["handouts"] if h["image"] == "rv_a"}
+    assert handouts["ann-1"]["organs"] == attention[:2], handouts
+    assert sorted(handouts["anonymous"]["organs"]) == sorted(attention[2:6]), handouts
+    assert 0 < handouts["anonymous"]["hold_left_s"] <= 1800, handouts
     progress = client.info()["suprem"]["revision"]
     assert progress[attention[0]] == {"revised": 3, "attention": 0}
     assert progress[attention[2]]["attention"] == 1 and progress[attention[2]]["revised"] == 2

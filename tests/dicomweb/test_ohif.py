@@ -452,6 +452,13 @@ def test_ohif_panel_next_sample_and_seg_export_record_the_organs_handed_out_and_
         image, study = form["Series Instance UID"], form["Study Instance UID"]
         assert image in scored, f"Next Sample named {image}, not an unlabelled scored series: {form}"
         handed = scored[image]["organs"][:2]
+        # The dialog shows no organs; the panel's Info link (/info/) lists them.
+        from monailabel.client import MONAILabelClient
+
+        listed = MONAILabelClient(server.url).info()["suprem"]["handouts"]
+        assert {"image": image, "client": "anonymous", "organs": handed} in [
+            {k: h[k] for k in ("image", "client", "organs")} for h in listed
+        ], listed
         # OK reloads OHIF on the study the dialog names (after its confirm, which the browser accepts).
         browser.click(".nextSampleForm button")
         browser.wait_for(f"location.href.endsWith({json.dumps(study)})", "OHIF reloaded on the study handed out")
