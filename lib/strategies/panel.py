@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -16,7 +16,7 @@ class RandomUnlessPanel(Strategy):
     when it has none. A request without the key is the panel's and gets ``importance`` (its organ-level
     hand-outs included); one with it chose ``random`` and gets MONAI Label's Random."""
 
-    def __init__(self, importance: Strategy, random: Strategy = None):
+    def __init__(self, importance: Strategy, random: Optional[Strategy] = None):
         super().__init__(
             "Random, for clients that send a client_id (3D Slicer, MONAI Label's client); the importance "
             "strategy for OHIF's panel, whose Strategy list always asks random"
