@@ -264,8 +264,9 @@ def build_tasks(app_dir: str, studies: str, conf: Dict[str, str], switches: Opti
             state_file=os.path.join(state_dir, HANDOUTS_FILE),  # a restart keeps who holds what
         )
         # One importance strategy, whichever name asks: its hand-outs are what a later save is read against.
-        random = RandomUnlessPanel(importance) if cfg.random_strategy == "importance" else Random()
+        random = Random()
         if cfg.random_strategy == "importance":
+            random = RandomUnlessPanel(importance)
             logger.info("Next Sample 'random' from OHIF's panel is answered by 'importance' (--conf random_strategy)")
         tasks.strategies.update({"importance": importance, "random": random, "first": First()})
     for b in cfg.models:

@@ -145,23 +145,21 @@ class ImportanceStrategy(Strategy):
         panel) and the seconds left of ``hold_s``."""
         with self._lock:
             now = time.time()
-            grouped: Dict[Tuple[str, Optional[str]], Dict] = {}
+            grouped: Dict[Tuple[str, Optional[str]], List[Tuple[str, float]]] = {}
             for image_id, held in self._handed.items():
                 for key, h in held.items():
-                    if now - h.since >= self.hold_s:
-                        continue
-                    entry = grouped.setdefault(
-                        (image_id, h.client),
-                        {"image": image_id, "client": h.client or "anonymous", "organs": [], "since": h.since},
-                    )
-                    entry["organs"].append(key)
-                    entry["since"] = max(entry["since"], h.since)
-        out = []
-        for entry in sorted(grouped.values(), key=lambda e: -e["since"]):
-            organs = "whole" if WHOLE in entry["organs"] else entry["organs"]
-            left = int(self.hold_s - (now - entry.pop("since")))
-            out.append(dict(entry, organs=organs, hold_left_s=left))
-        return out
+                    if now - h.since < self.hold_s:
+                        grouped.setdefault((image_id, h.client), []).append((key, h.since))
+        newest = {who: max(since for _, since in keys) for who, keys in grouped.items()}
+        return [
+            {
+                "image": image_id,
+                "client": client or "anonymous",
+                "organs": "whole" if any(k == WHOLE for k, _ in keys) else [k for k, _ in keys],
+                "hold_left_s": int(self.hold_s - (now - newest[(image_id, client)])),
+            }
+            for (image_id, client), keys in sorted(grouped.items(), key=lambda item: -newest[item[0]])
+        ]
 
     def _read_handouts(self) -> Dict[str, Dict[str, Hold]]:
         """The hand-outs ``state_file`` kept (expired ones drop out at the next Next Sample); an entry
