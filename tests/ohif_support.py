@@ -239,6 +239,17 @@ class Browser:
         self.send("Input.dispatchMouseEvent", type="mousePressed", x=x, y=y, button="left", clickCount=1)
         self.send("Input.dispatchMouseEvent", type="mouseReleased", x=x, y=y, button="left", clickCount=1)
 
+    def drag(self, points: List[Tuple[float, float]], pause: float = 0.05):
+        """A mouse drag with the left button held: pressed at the first point, moved through the others,
+        released at the last (a brush stroke)."""
+        (x0, y0), (x1, y1) = points[0], points[-1]
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x0, y=y0)
+        self.send("Input.dispatchMouseEvent", type="mousePressed", x=x0, y=y0, button="left", buttons=1, clickCount=1)
+        for x, y in points[1:]:
+            self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y, button="left", buttons=1)
+            time.sleep(pause)
+        self.send("Input.dispatchMouseEvent", type="mouseReleased", x=x1, y=y1, button="left", buttons=0, clickCount=1)
+
     def type_text(self, text: str):
         """Types ``text`` into the focused element, as a keyboard does (input events, no key codes)."""
         self.send("Input.insertText", text=text)

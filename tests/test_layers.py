@@ -27,6 +27,7 @@ LAYERS = [
     "importance",  # the importance engine: formula, scorer, engines, offline ranking, records
     "errors",  # failures as HTTP answers
     "monailabel_private",  # MONAI Label's private names, in one adapter
+    "ohif",  # the app's OHIF mode, served beside MONAI Label's OHIF build
     "datastore",  # MONAI Label adapters from here up
     "strategies",
     "scoring",

@@ -18,6 +18,7 @@ from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
 from lib.app import build_tasks, checked_dicomweb_datastore, checked_local_datastore, stop_on_signals  # noqa: E402
 from lib.infers.segmentation import warm_label_writer  # noqa: E402
+from lib.ohif import serve_revision_mode  # noqa: E402
 from lib.errors import checked_image, checked_model, guarded  # noqa: E402
 from lib.stopping import stop_requested  # noqa: E402
 
@@ -47,6 +48,9 @@ class SuPreMApp(MONAILabelApp):
     def server_mode(self, mode: bool):
         super().server_mode(mode)
         self.serving = mode
+        server = sys.modules.get("monailabel.app")  # MONAI Label's FastAPI server, in the server process only
+        if mode and server is not None:
+            serve_revision_mode(server.app)  # /ohif/suprem: MONAI Label's panel with OHIF's brush and SEG export
 
     def on_stop_signal(self, signum):
         # The server ends its subprocesses; those (train, scoring) only unwind, logging a cut round.

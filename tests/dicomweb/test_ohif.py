@@ -9,7 +9,8 @@ as a DICOM SEG that OHIF lists under the app's segment names and tints onto the 
 shown slice. Screenshots stay in the test's temporary folder and are named in failure messages.
 
 The server hands out organs (``organs_per_sample 2``), and the last test drives an OHIF annotator's round
-of organ-level revision through OHIF's MONAI Label panel. That panel (as MONAI Label 0.8.5 bundles it) asks
+of organ-level revision with the buttons of the app's OHIF mode (/ohif/suprem: MONAI Label's panel, OHIF's
+brush and its segmentation panel's SEG export). MONAI Label's panel (as MONAI Label 0.8.5 bundles it) asks
 ``random`` whatever its Strategy list shows, so the server runs as an OHIF site must: ``random_strategy
 importance``. Orthanc holds two studies of the series (the second for Next Sample)."""
 
@@ -29,6 +30,7 @@ import pytest
 from dicomweb_support import dicomweb_server, loaded_orthanc, orthanc_missing, trainer_view
 from lib.classes import CLASS_INDEX, LABEL_SETS, TOTALSEG_TO_SUPREM, mapping_lut
 from lib.importance.records import INFO_KEY, is_scored
+from lib.ohif import REVISION_ROUTE
 from ohif_support import (
     Browser,
     chromium_missing,
@@ -212,8 +214,9 @@ def test_ohif_study_list_shows_the_orthanc_study_and_links_the_viewer_to_it(brow
     finally:
         browser.screenshot(shot)
     links = browser.evaluate(f"Array.from(document.querySelectorAll({json.dumps(row + ' a')})).map(a => a.href)")
-    viewer = f"{server.url}/ohif/viewer?StudyInstanceUIDs={orthanc.study_uid}"
-    assert viewer in links, f"no link to {viewer} in the study row: {links} (screenshot: {shot})"
+    for route in ("viewer", REVISION_ROUTE):  # OHIF's basic viewer and the app's revision mode
+        mode = f"{server.url}/ohif/{route}?StudyInstanceUIDs={orthanc.study_uid}"
+        assert mode in links, f"no link to {mode} in the study row: {links} (screenshot: {shot})"
 
 
 def test_ohif_viewer_renders_the_series_pixels_from_orthanc(browser, server, orthanc, shots):
@@ -292,18 +295,13 @@ def test_ohif_viewer_draws_and_lists_the_dicom_seg_saved_by_the_app(browser, ser
     assert tint >= 0.01, f"the overlay is gone with the panel open ({tint:.2%} coloured): {panel}"
 
 
-# --- organ-level revision from OHIF's MONAI Label panel (the monai-label mode) -----------------------------
+# --- organ-level revision in the app's OHIF mode: MONAI Label's panel, OHIF's brush and SEG export -----------
 
 ORGANS = LABEL_SETS["atlas25"]
 PANEL = ".monaiLabelPanel"
-# The panel's React props (OHIF's services and commands), from its DOM node: the mode gives the page no
-# other handle on them.
-PANEL_PROPS = (
-    "(() => { const el = document.querySelector('.monaiLabelPanel'); let f = el[Object.keys(el).find(k =>"
-    " k.startsWith('__reactFiber'))]; while (f && !(f.memoizedProps && f.memoizedProps.commandsManager))"
-    " f = f.return; return f.memoizedProps; })()"
-)
-LABELMAP = f"{PANEL_PROPS}.servicesManager.services.segmentationService"
+SEGMENTATIONS = "window.services.segmentationService"  # OHIF's segmentation service, as the page exposes it
+# The labelmap's voxels (segment index per voxel) of the segmentation a model's Run makes (id '1').
+VOXELS = f"{SEGMENTATIONS}.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray()"
 
 
 @pytest.fixture(scope="module")
@@ -323,12 +321,13 @@ def scored(server):
 
 
 def _open_panel(browser: Browser, server, study_uid: str):
-    """OHIF's MONAI Label mode on the study, its panel connected to the test server as an annotator does it:
-    the server's URL typed into the panel's Server field, then its connect button."""
-    browser.navigate(f"{server.url}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
-    browser.wait_for("!!document.getElementById('monailabelServerURL')", "the MONAI Label panel's Server field")
+    """The app's OHIF mode (/ohif/suprem) on the study, MONAI Label's panel (left, beside OHIF's segmentation
+    panel on the right) connected to the test server as an annotator does it: the server's URL typed into
+    its Server field, then its connect button."""
+    browser.navigate(f"{server.url}/ohif/{REVISION_ROUTE}?StudyInstanceUIDs={study_uid}")
     browser.wait_for("!!(window.cornerstone && cornerstone.getEnabledElements().length)", "the viewports")
     _dismiss_banner(browser)
+    browser.wait_for("!!document.getElementById('monailabelServerURL')", "the MONAI Label panel's Server field")
     browser.click("#monailabelServerURL")
     browser.evaluate("document.getElementById('monailabelServerURL').select()")
     browser.type_text(server.url + "/")
@@ -379,8 +378,7 @@ def _next_sample(browser: Browser, strategy: str) -> Dict[str, str]:
 
 def _labelled_voxels(browser: Browser) -> int:
     return browser.evaluate(
-        f"(() => {{ const v = {LABELMAP}.getLabelmapVolume('1'); if (!v) return 0;"
-        " const d = v.voxelManager.getCompleteScalarDataArray(); let n = 0;"
+        f"(() => {{ if (!{SEGMENTATIONS}.getLabelmapVolume('1')) return 0; const d = {VOXELS}; let n = 0;"
         " for (let i = 0; i < d.length; i++) if (d[i]) n++; return n; })()"
     )
 
@@ -394,36 +392,57 @@ def _run_model(browser: Browser, model: str):
     _wait(lambda: _labelled_voxels(browser), f"{model}'s label drawn after Run", browser, 300)
 
 
-def _draw(browser: Browser, organ: str, voxels: int = 500) -> int:
-    """The annotator's fix: ``organ`` drawn on ``voxels`` background voxels of OHIF's segmentation (its
-    segment of that name), set in its labelmap from the page as a brush stroke sets them (the monai-label
-    mode shows no brush tools). Returns the voxels drawn."""
-    return browser.evaluate(
-        f"(() => {{ const s = {LABELMAP}; const seg = s.getSegmentation('1');"
-        f" const idx = Number(Object.entries(seg.segments).find(([k, v]) => v.label === {json.dumps(organ)})[0]);"
-        " const vol = s.getLabelmapVolume('1'); const d = vol.voxelManager.getCompleteScalarDataArray();"
-        f" let n = 0; for (let i = 0; i < d.length && n < {voxels}; i++) if (!d[i]) {{ d[i] = idx; n++; }}"
-        " vol.voxelManager.setCompleteScalarDataArray(d); cornerstone.triggerEvent(cornerstone.eventTarget,"
-        " cornerstoneTools.Enums.Events.SEGMENTATION_DATA_MODIFIED, {segmentationId: '1'}); return n; })()"
+def _brush(browser: Browser, organ: str) -> Dict[str, int]:
+    """The annotator's fix, with OHIF's own tools: in the segmentation panel, ``organ``'s row of the model's
+    segmentation, the Brush, and a stroke dragged across the middle of the axial viewport. Returns,
+    per organ whose voxels the stroke changed (painted over, or painted), how many voxels changed."""
+    browser.click_text("[data-cy=data-row] span", organ)
+    active = f"cornerstoneTools.segmentation.segmentIndex.getActiveSegmentIndex('1')"
+    index = browser.wait_for(
+        f"(() => {{ const i = {active}; return {SEGMENTATIONS}.getSegmentation('1').segments[i]?.label"
+        f" === {json.dumps(organ)} && i; }})()",
+        f"{organ}'s segment active after a click on its row",
+        30,
     )
+    browser.click("[data-cy=Brush]")
+    browser.evaluate(f"(() => {{ window.__before = {VOXELS}.slice(); return 1; }})()")
+    x, y, w, h = browser.rect(VIEWPORT)  # the first viewport: axial in MONAI Label's MPR layout
+    browser.drag([(x + w * (0.35 + 0.03 * i), y + h * 0.5) for i in range(11)])
+    changed = browser.wait_for(
+        f"(() => {{ const a = window.__before, b = {VOXELS}; const segs = {SEGMENTATIONS}.getSegmentation('1');"
+        " const n = {}; for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) for (const v of [a[i], b[i]])"
+        " if (v) { const name = segs.segments[v].label; n[name] = (n[name] || 0) + 1; }"
+        " return Object.keys(n).length && n; })()",
+        "voxels painted by the brush stroke",
+        30,
+    )
+    assert changed.get(organ, 0) > 100, f"the stroke painted {changed.get(organ, 0)} voxels of {organ} ({index})"
+    return changed
 
 
 def _export_seg(browser: Browser, orthanc, name: str):
-    """OHIF's own DICOM SEG export of the segmentation to the PACS (STOW through the server's /proxy/dicom):
-    the command its segmentation panel's "Export DICOM SEG" runs (the monai-label mode shows no segmentation
-    panel, so the command is run from the page), then its report-name dialog filled in and saved."""
+    """OHIF's own DICOM SEG export of the segmentation to the PACS (STOW through the server's /proxy/dicom),
+    from its segmentation panel: the segmentation's menu, Export & Download, Export DICOM SEG, then the
+    report-name dialog filled in and saved; the mode's notification says where it went."""
     segs = len(orthanc.find_series(Modality="SEG"))
-    browser.evaluate(
-        f"(() => {{ const p = {PANEL_PROPS}; window.__stored = 'pending';"
-        " p.commandsManager.runCommand('storeSegmentation', {segmentationId: '1'}, 'CORNERSTONE')"
-        ".then(() => { window.__stored = 'done'; }, e => { window.__stored = 'failed: ' + e; }); return 1; })()"
+    menu = browser.evaluate(
+        "(() => { const s = Array.from(document.querySelectorAll('button[aria-haspopup=menu]'))"
+        " .find(b => b.offsetParent !== null && b.parentElement.innerText.includes('Segmentations'));"
+        " if (!s) return null; s.id = s.id || 'segmentation-menu'; return '#' + CSS.escape(s.id); })()"
     )
+    assert menu, "no menu button beside the segmentation's name in OHIF's segmentation panel"
+    browser.click(menu)
+    browser.click_text("[role=menuitem]", "Export & Download")
+    browser.click_text("[role=menuitem]", "Export DICOM SEG")
     browser.wait_for("!!document.querySelector('.DraggableItem input')", "OHIF's report-name dialog")
     browser.click(".DraggableItem input")
     browser.type_text(name)
     browser.click(".DraggableItem button[data-cy=Save-btn]")
-    stored = browser.wait_for("window.__stored !== 'pending' && window.__stored", "the SEG export's end", 120)
-    assert stored == "done", stored
+    browser.wait_for(
+        f"document.body.innerText.includes({json.dumps(f'Saved to the PACS as {json.dumps(name)}')})",
+        "the export's notification",
+        120,
+    )
     assert len(orthanc.find_series(Modality="SEG")) == segs + 1, "OHIF's export stored no SEG in the PACS"
 
 
@@ -438,14 +457,15 @@ def _revised(info) -> List[str]:
 
 
 @pytest.mark.timeout(900)  # the series scored and a model run on it, on a CPU
-def test_ohif_panel_next_sample_and_seg_export_record_the_organs_handed_out_and_changed(
+def test_ohif_revision_mode_next_sample_brush_and_seg_export_record_the_organs_handed_out_and_changed(
     browser, server, orthanc, scored, shots
 ):
-    """An OHIF annotator's round in the MONAI Label mode: connect the panel, choose ``importance``, Next
-    Sample, open the image it names, run ``segresnet``, fix one organ, export the DICOM SEG to the PACS,
-    Next Sample again. The final label then has as revised exactly the organs handed out (no client id:
-    OHIF's panel sends none) and the organ changed against the served pre-annotation, as the trainer sees:
-    the panel's ``random`` request was answered by the importance strategy's organ-level hand-out."""
+    """An OHIF annotator's round in the app's mode, with its buttons only: connect MONAI Label's panel,
+    choose ``importance``, Next Sample, open the image it names, run ``segresnet``, paint one organ with
+    OHIF's brush, export the DICOM SEG to the PACS from the segmentation panel, Next Sample again. The final
+    label then has as revised exactly the organs handed out (no client id: OHIF's panel sends none) and the
+    organs the stroke changed against the served pre-annotation, as the trainer sees: the panel's
+    ``random`` request was answered by the importance strategy's organ-level hand-out."""
     try:
         _open_panel(browser, server, orthanc.study_uid)
         form = _next_sample(browser, "importance")
@@ -462,15 +482,17 @@ def test_ohif_panel_next_sample_and_seg_export_record_the_organs_handed_out_and_
         # OK reloads OHIF on the study the dialog names (after its confirm, which the browser accepts).
         browser.click(".nextSampleForm button")
         browser.wait_for(f"location.href.endsWith({json.dumps(study)})", "OHIF reloaded on the study handed out")
+        assert f"/ohif/{REVISION_ROUTE}?" in browser.evaluate("location.href"), "OHIF left the app's mode"
         _open_panel(browser, server, study)
         _run_model(browser, "segresnet")
         drawn = next(n for n in ORGANS if n not in handed)
-        assert _draw(browser, drawn) == 500
+        stroke = _brush(browser, drawn)
         _export_seg(browser, orthanc, "organ revision")
         _next_sample(browser, "importance")  # reads the SEG while the hand-out is open
     finally:
         browser.screenshot(str(shots / "panel-revision.png"))
+    changed = [n for n in ORGANS if n in stroke]  # painted, and painted over
     info = _final_info(server, image)
-    assert _revised(info) == sorted(handed + [drawn]), (info.get("organs"), server.log_tail(20))
-    assert info["revised_from"] == {"handed_out": handed, "changed": [drawn]}
-    assert trainer_view(server.cache, ORGANS)[image] == sorted(handed + [drawn])
+    assert _revised(info) == sorted(set(handed) | set(changed)), (stroke, info.get("organs"), server.log_tail(20))
+    assert info["revised_from"] == {"handed_out": handed, "changed": changed}
+    assert trainer_view(server.cache, ORGANS)[image] == sorted(set(handed) | set(changed))

@@ -1,0 +1,84 @@
+// SuPreM revision: an OHIF mode for revising pre-annotated organs, served by the app after MONAI Label's own
+// app-config.js (lib/ohif/__init__.py). MONAI Label 0.8.5's "monai-label" mode shows its panel but no brush
+// tools and no segmentation panel (its toolbar never adds the segmentation buttons), so an annotator can run a
+// model there but cannot fix or export the label. This mode is OHIF's own "segmentation" mode (brush, eraser,
+// shapes, the segmentation panel with "Export DICOM SEG") with MONAI Label's panel on the left and MONAI
+// Label's MPR layout: Next Sample, Run, fix, export, on one screen.
+(function () {
+  const MONAI_LABEL_PANEL = '@ohif/extension-monai-label.panelModule.monailabel';
+  const extensionDependencies = {
+    '@ohif/extension-default': '^3.0.0',
+    '@ohif/extension-cornerstone': '^3.0.0',
+    '@ohif/extension-cornerstone-dicom-seg': '^3.0.0',
+    '@ohif/extension-monai-label': '^3.0.0',
+  };
+
+  // OHIF's segmentation panel exports with commandsManager.run('storeSegmentation', {segmentationId}): no
+  // context, so in this OHIF build it reaches the SEG extension's command (the last context that has one),
+  // which needs a data source it is not given, and the export fails ("Cannot read properties of undefined
+  // (reading 'store')"). Given the active data source, that command asks for the series name and stores the
+  // SEG (STOW-RS through the server's /proxy/dicom); the segmentation stays on screen for further fixes.
+  function exportToTheDataSource({ servicesManager, extensionManager, commandsManager }) {
+    const command = commandsManager.getCommand('storeSegmentation', 'SEGMENTATION');
+    if (!command || command.commandFn.withDataSource) {
+      return;
+    }
+    const store = command.commandFn;
+    const { uiNotificationService } = servicesManager.services;
+    const storeWithDataSource = async props => {
+      if (props.dataSource) {
+        return store(props);
+      }
+      try {
+        const stored = await store({ ...props, dataSource: extensionManager.getActiveDataSource()[0] });
+        if (stored) {
+          const message = `Saved to the PACS as "${stored.SeriesDescription}"`;
+          uiNotificationService.show({ title: 'Export DICOM SEG', message, type: 'success' });
+        }
+        return stored;
+      } catch (error) {
+        const message = `Not saved: ${(error && error.message) || error}`;
+        uiNotificationService.show({ title: 'Export DICOM SEG', message, type: 'error' });
+        throw error;
+      }
+    };
+    storeWithDataSource.withDataSource = true;
+    command.commandFn = storeWithDataSource;
+  }
+
+  async function modeFactory({ modeConfiguration, loadModules }) {
+    const [segmentationMode] = await loadModules(['@ohif/mode-segmentation']);
+    const base = await segmentationMode.modeFactory({ modeConfiguration, loadModules });
+    const [route] = base.routes;
+    return {
+      ...base,
+      id: 'suprem-revision',
+      routeName: 'suprem',
+      displayName: 'SuPreM revision',
+      hangingProtocol: 'mpr', // axial, sagittal and coronal, as MONAI Label's mode shows a CT
+      extensions: extensionDependencies,
+      onModeEnter: args => {
+        base.onModeEnter(args);
+        exportToTheDataSource(args);
+      },
+      routes: [
+        {
+          ...route,
+          path: 'suprem',
+          layoutTemplate: args => {
+            // MONAI Label's panel on the left, first (the series list behind its tab), OHIF's segmentation
+            // panel on the right: both stay on screen, so the panel keeps its connection while the
+            // annotator paints (a side panel's hidden tab is unmounted: MONAI Label's would disconnect).
+            const layout = route.layoutTemplate(args);
+            const leftPanels = [MONAI_LABEL_PANEL, ...layout.props.leftPanels];
+            const props = { ...layout.props, leftPanels, leftPanelDefaultClosed: false, rightPanelDefaultClosed: false };
+            return { ...layout, props };
+          },
+        },
+      ],
+    };
+  }
+
+  window.config.modes = window.config.modes || [];
+  window.config.modes.push({ id: 'suprem-revision', modeFactory, extensionDependencies });
+})();
