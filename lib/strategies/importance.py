@@ -135,7 +135,7 @@ class ImportanceStrategy(Strategy):
         with self._lock:
             now = time.time()
             held = self._handed.get(image_id, {})
-            organs = [k for k, h in held.items() if h.client == client and now - h.since < self.hold_s]
+            organs = [k for k, h in held.items() if h.client == client and self._open(h, now)]
         return None if not organs or WHOLE in organs else organs
 
     def open_handouts(self) -> List[Dict]:
@@ -148,7 +148,7 @@ class ImportanceStrategy(Strategy):
             grouped: Dict[Tuple[str, Optional[str]], List[Tuple[str, float]]] = {}
             for image_id, held in self._handed.items():
                 for key, h in held.items():
-                    if now - h.since < self.hold_s:
+                    if self._open(h, now):
                         grouped.setdefault((image_id, h.client), []).append((key, h.since))
         newest = {who: max(since for _, since in keys) for who, keys in grouped.items()}
         return [
@@ -199,10 +199,14 @@ class ImportanceStrategy(Strategy):
         for image_id in held:
             read(image_id)
 
+    def _open(self, hold: Hold, now: float) -> bool:
+        """Whether ``hold`` is still open at time ``now``: made (or renewed) in the last ``hold_s`` seconds."""
+        return now - hold.since < self.hold_s
+
     def _expire(self, now: float) -> None:
         kept = {}
         for image_id, held in self._handed.items():
-            held = {k: h for k, h in held.items() if now - h.since < self.hold_s}
+            held = {k: h for k, h in held.items() if self._open(h, now)}
             if held:
                 kept[image_id] = held
         self._handed = kept
