@@ -46,6 +46,34 @@
     command.commandFn = storeWithDataSource;
   }
 
+  // OHIF's Next Sample dialog shows the study and series only; the organs handed out are in this server's
+  // /info/ (suprem.handouts). OK in that dialog reloads OHIF on the study, entering this mode: it then says
+  // which organs of the study's series are handed out to OHIF's panel (which sends no client id).
+  async function announceHandouts({ servicesManager, extensionManager }) {
+    const studies = (new URLSearchParams(window.location.search).get('StudyInstanceUIDs') || '').split(',');
+    const { uiNotificationService } = servicesManager.services;
+    try {
+      const { qidoRoot } = extensionManager.getActiveDataSource()[0].getConfig();
+      const asJson = response => (response.ok ? response.json() : []);
+      const series = await Promise.all(
+        studies.filter(Boolean).map(study =>
+          fetch(`${qidoRoot}/studies/${study}/series`, { headers: { Accept: 'application/dicom+json' } }).then(asJson)
+        )
+      );
+      const uids = new Set(series.flat().map(s => s['0020000E'] && s['0020000E'].Value[0]));
+      const info = await fetch(new URL('../info/', window.location.href)).then(asJson);
+      const handouts = ((info.suprem || {}).handouts || []).filter(h => uids.has(h.image) && h.client === 'anonymous');
+      for (const h of handouts) {
+        const organs = h.organs === 'whole' ? 'the whole image' : h.organs.join(', ');
+        const minutes = Math.max(1, Math.round(h.hold_left_s / 60));
+        const message = `${organs} (held ${minutes} more min)`;
+        uiNotificationService.show({ title: 'SuPreM: organs to revise', message, type: 'info', duration: 20000 });
+      }
+    } catch (error) {
+      console.warn('SuPreM: the hand-outs of this study could not be read', error);
+    }
+  }
+
   async function modeFactory({ modeConfiguration, loadModules }) {
     const [segmentationMode] = await loadModules(['@ohif/mode-segmentation']);
     const base = await segmentationMode.modeFactory({ modeConfiguration, loadModules });
@@ -60,6 +88,7 @@
       onModeEnter: args => {
         base.onModeEnter(args);
         exportToTheDataSource(args);
+        announceHandouts(args);
       },
       routes: [
         {

@@ -461,7 +461,8 @@ def test_ohif_revision_mode_next_sample_brush_and_seg_export_record_the_organs_h
     browser, server, orthanc, scored, shots
 ):
     """An OHIF annotator's round in the app's mode, with its buttons only: connect MONAI Label's panel,
-    choose ``importance``, Next Sample, open the image it names, run ``segresnet``, paint one organ with
+    choose ``importance``, Next Sample, open the image it names (the mode names the organs handed out), run
+    ``segresnet``, paint one organ with
     OHIF's brush, export the DICOM SEG to the PACS from the segmentation panel, Next Sample again. The final
     label then has as revised exactly the organs handed out (no client id: OHIF's panel sends none) and the
     organs the stroke changed against the served pre-annotation, as the trainer sees: the panel's
@@ -483,6 +484,13 @@ def test_ohif_revision_mode_next_sample_brush_and_seg_export_record_the_organs_h
         browser.click(".nextSampleForm button")
         browser.wait_for(f"location.href.endsWith({json.dumps(study)})", "OHIF reloaded on the study handed out")
         assert f"/ohif/{REVISION_ROUTE}?" in browser.evaluate("location.href"), "OHIF left the app's mode"
+        # There the mode says which organs were handed out (read from /info/), as the dialog does not.
+        said = json.dumps(", ".join(handed))
+        browser.wait_for(
+            f"document.body.innerText.includes('SuPreM: organs to revise') && document.body.innerText.includes({said})",
+            f"the mode's notice of the organs handed out ({said})",
+            60,
+        )
         _open_panel(browser, server, study)
         _run_model(browser, "segresnet")
         drawn = next(n for n in ORGANS if n not in handed)
