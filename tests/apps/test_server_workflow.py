@@ -197,3 +197,20 @@ def test_a_datastore_request_naming_what_is_not_there_gets_a_4xx_that_says_so(en
         _send(url + path, method, form)
     assert e.value.code == status and words in e.value.read().decode(), (e.value.code, path)
     assert MONAILabelClient(url).info()["name"]  # the server keeps serving
+
+
+def test_ohif_reads_monai_labels_own_app_config_followed_by_the_apps_revision_mode(env):
+    """OHIF reads /ohif/app-config.js first: the server answers it with MONAI Label's own file (its data
+    source, untouched) followed by the app's OHIF mode (lib/ohif/revision_mode.js, routed at
+    /ohif/suprem); every other OHIF file is still MONAI Label's."""
+    from lib.ohif import REVISION_ROUTE, monailabel_app_config
+
+    url = env["server"].url
+    status, body = _get(f"{url}/ohif/app-config.js")
+    with open(monailabel_app_config(), "rb") as f:
+        own = f.read()
+    assert status == 200 and body.startswith(own), body[:300]
+    mode = body[len(own) :].decode()
+    assert f"routeName: '{REVISION_ROUTE}'" in mode and "window.config.modes.push" in mode, mode[:300]
+    status, index = _get(f"{url}/ohif/index.html")
+    assert status == 200 and b"/ohif/app-config.js" in index
