@@ -44,8 +44,10 @@ def serve_revision_mode(fastapi_app) -> None:
     if any(getattr(r, "path", None) == path for r in fastapi_app.router.routes):
         return
 
+    body = app_config_js()  # both files are fixed for the life of the server: read once, not per page load
+
     def get_app_config():
-        return Response(app_config_js(), media_type="application/javascript")
+        return Response(body, media_type="application/javascript")
 
     route = APIRoute(
         path,

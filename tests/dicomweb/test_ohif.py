@@ -397,7 +397,7 @@ def _brush(browser: Browser, organ: str) -> Dict[str, int]:
     segmentation, the Brush, and a stroke dragged across the middle of the axial viewport. Returns,
     per organ whose voxels the stroke changed (painted over, or painted), how many voxels changed."""
     browser.click_text("[data-cy=data-row] span", organ)
-    active = f"cornerstoneTools.segmentation.segmentIndex.getActiveSegmentIndex('1')"
+    active = "cornerstoneTools.segmentation.segmentIndex.getActiveSegmentIndex('1')"
     index = browser.wait_for(
         f"(() => {{ const i = {active}; return {SEGMENTATIONS}.getSegmentation('1').segments[i]?.label"
         f" === {json.dumps(organ)} && i; }})()",
