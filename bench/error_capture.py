@@ -416,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from bench.simulation.data import make_studies
+    from bench.simulation.data import pool_studies
 
     torch.set_num_threads(max(1, args.threads))
     logging.disable(logging.WARNING)
@@ -436,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         models = starters(cfg, args.models, os.path.join(out, "work"), log, args.starter_cache)
         scorer = seed_scorer(cfg, models, args.device)
     pool = os.path.join(out, "work", f"pool_{args.seed}")
-    studies = make_studies(os.path.join(pool, "images"), os.path.join(pool, "gt"), "pool", args.volumes, args.seed, cfg)
+    studies = pool_studies(os.path.join(pool, "images"), os.path.join(pool, "gt"), args.volumes, args.seed, cfg)
     rows = []
     for i, study in enumerate(studies, 1):
         rows += volume_units(scorer, study, cfg)
@@ -446,7 +446,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M"), "models": len(models), "volumes": len(studies),
             "units": len(rows), "labels": cfg.labels, "wall_s": round(time.time() - start),
             "model files": ", ".join(os.path.basename(m) for m in models),
-            "settings": json.dumps({k: cfg.as_dict()[k] for k in ("shape", "grid_mm", "roi", "starter_iters")})}
+            "settings": json.dumps({k: cfg.as_dict()[k] for k in ("shape", "grid_mm", "roi", "starter_iters", "n_starter", "pool", "shifted_fraction")})}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(write_outputs(rows, out, meta))

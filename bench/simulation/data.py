@@ -105,5 +105,13 @@ def make_studies(folder: str, gt_folder: str, role: str, n: int, seed: int, cfg,
     return out
 
 
+def pool_studies(folder: str, gt_folder: str, n: int, seed: int, cfg) -> List[Study]:
+    """The unlabelled pool of ``n`` phantoms as ``cfg.pool`` says (an organ-local pool has
+    ``cfg.shifted_fraction`` of its volumes with one organ unlike the starter's)."""
+    organ_local = cfg.pool == "organ_local"
+    return make_studies(folder, gt_folder, "pool", n, seed, cfg, kind=cfg.pool,
+                        hard_fraction=cfg.shifted_fraction if organ_local else None)
+
+
 def by_id(studies: List[Study]) -> Dict[str, Study]:
     return {s.id: s for s in studies}

@@ -43,7 +43,7 @@ from lib.weights import WeightsRegistry
 
 from .annotator import SimulatedAnnotator
 from .config import STRATEGIES, SimConfig, arm_name
-from .data import Study, make_studies
+from .data import Study, make_studies, pool_studies
 from lib.importance.epistemic import EPISTEMIC_KEY as ENTROPY_KEY
 from lib.importance.epistemic import mean_binary_entropy
 
@@ -222,8 +222,7 @@ def prepare_seed(cfg: SimConfig, seed: int, work: str, starters: Sequence[str], 
     # An organ-local pool has its own kind of test set (the starter's site, hard_fraction of it with one organ
     # unlike the starter's); otherwise the test set is balanced: the model must serve every site.
     organ_local = cfg.pool == "organ_local"
-    pool = make_studies(os.path.join(folder, "pool"), os.path.join(folder, "pool_gt"), "pool", cfg.n_pool, seed, cfg,
-                        kind=cfg.pool, hard_fraction=cfg.shifted_fraction if organ_local else None)
+    pool = pool_studies(os.path.join(folder, "pool"), os.path.join(folder, "pool_gt"), cfg.n_pool, seed, cfg)
     test = make_studies(os.path.join(folder, "test"), os.path.join(folder, "test_gt"), "test", cfg.n_test, seed, cfg,
                         kind=cfg.pool if organ_local else "balanced")
     replay = []

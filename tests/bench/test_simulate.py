@@ -292,13 +292,13 @@ def test_a_realistic_pool_is_mostly_the_starters_own_site_without_hard_cases():
 
 
 def test_an_organ_local_pool_is_the_starters_site_with_one_odd_organ_in_a_share_of_it(tmp_path):
-    from bench.simulation.data import _organ_local_plan, make_studies
+    from bench.simulation.data import _organ_local_plan, pool_studies
 
     plan = _organ_local_plan(24, "A", 0.25, np.random.default_rng(0))
     assert len(plan) == 24 and plan.count(("A", "hypodense_organ")) == 6 and plan.count(("A", None)) == 18
-    cfg = get_config("tiny", n_pool=4)
-    studies = make_studies(str(tmp_path / "im"), str(tmp_path / "gt"), "pool", 4, 0, cfg, kind="organ_local",
-                           hard_fraction=0.5)
+    # The pool the loop and the error-capture benchmark draw: cfg.shifted_fraction of it with an odd organ.
+    cfg = get_config("tiny", n_pool=4, pool="organ_local", shifted_fraction=0.5)
+    studies = pool_studies(str(tmp_path / "im"), str(tmp_path / "gt"), 4, 0, cfg)
     odd = [s for s in studies if s.hard]
     assert len(odd) == 2 and all(s.site == "A" and s.odd_organ for s in studies if s.hard)
     assert all(s.tag().endswith(f"({s.odd_organ})") for s in odd)
