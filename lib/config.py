@@ -14,6 +14,10 @@ TRAIN_EPOCHS = 50
 TRAIN_NUM_SAMPLES = 2  # crops of one image per step
 VAL_FRACTION = 0.2
 TRAIN_AMP = "bf16"
+# Loss weight of the organs nobody revised in a partly revised label (their voxels are the model's own
+# pre-annotation): 1 trains every organ of the assembled label, revised over pseudo, as AbdomenAtlas does
+# (bench/RESULTS.md, "AbdomenAtlas's assembled labels": what met issue 24's target); 0: no gradient.
+PSEUDO_WEIGHT = 1.0
 
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
@@ -100,7 +104,7 @@ class AppConfig:
     ray_workers: int = 0
     ray_gpus_per_worker: Optional[float] = None
     train_gpus: str = "all"
-    pseudo_weight: float = 0.0
+    pseudo_weight: float = PSEUDO_WEIGHT
     organs_per_sample: int = 0
     importance_mode: str = "calibrated"  # lib.importance.calibrated; "reference": the AbdomenAtlas-8K score
     band_mm: float = 6.0  # calibrated mode: half-width of the border band (mm)
@@ -208,7 +212,7 @@ def parse_conf(conf: Mapping[str, str]) -> AppConfig:
         ray_workers=_number(conf, "ray_workers", int, 0),
         ray_gpus_per_worker=_number(conf, "ray_gpus_per_worker", float, None),
         train_gpus=str(conf.get("train_gpus", "all")),
-        pseudo_weight=_number(conf, "pseudo_weight", float, 0.0),  # loss weight of organs nobody revised
+        pseudo_weight=_number(conf, "pseudo_weight", float, PSEUDO_WEIGHT),  # loss weight of organs nobody revised
         organs_per_sample=_number(conf, "organs_per_sample", int, 0),  # organs Next Sample names (0: all)
         # Calibrated by default: it ranks better in the loop benchmark (bench/RESULTS.md, issues 21, 22, 24).
         importance_mode=_choice(conf, "importance_mode", ("calibrated", "reference")),

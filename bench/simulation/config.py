@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
 from lib.classes import LABEL_SETS
+from lib.config import PSEUDO_WEIGHT
 
 # Strategy names -> (how the pool is scored and picked, the app's scorer options or {}).
 STRATEGIES: Dict[str, Tuple[str, Dict]] = {
@@ -101,7 +102,9 @@ class SimConfig:
     starters: int = 1
     models: int = 1  # models scoring the pool: the served one and companions of the next starters
     finetune_lr: Optional[float] = None  # learning rate of the rounds' retraining; None = lr
-    pseudo_weight: float = 0.0  # loss weight of organs not revised in a label (the app's --conf pseudo_weight)
+    # Loss weight of organs not revised in a label: the app's --conf pseudo_weight and its default (1 since
+    # 2026-12-05; the runs recorded in bench/RESULTS.md before then used 0).
+    pseudo_weight: float = PSEUDO_WEIGHT
     # The organ-level oracle ranks organs by their true error ("error", 1 - Dice) or by how far it is above
     # that organ's mean error over the pool ("excess": what is unusually wrong, not what is hard everywhere).
     oracle_organs: str = "error"

@@ -401,7 +401,7 @@ def run_arm(cfg: SimConfig, ctx: SeedContext, strategy: str, revision: str, log:
     for s in ctx.pool + ctx.replay:
         shutil.copy2(s.image, os.path.join(studies_dir, os.path.basename(s.image)))
     # The app's datastore: an organ-level save names its revised organs, the label is merged and the
-    # trainer learns only from revised organs (pseudo_weight 0).
+    # trainer weighs the organs nobody revised by ``cfg.pseudo_weight``.
     ds = CheckedLocalDatastore(studies_dir, extensions=("*.nii.gz",), auto_reload=False,
                                allowed_labels=[CLASS_INDEX[o] for o in labels_of(cfg)])
     kind, options = STRATEGIES[strategy]

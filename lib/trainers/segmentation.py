@@ -18,7 +18,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.classes import CLASS_INDEX
-from lib.config import TRAIN_AMP, TRAIN_EPOCHS, TRAIN_NUM_SAMPLES, VAL_FRACTION
+from lib.config import PSEUDO_WEIGHT, TRAIN_AMP, TRAIN_EPOCHS, TRAIN_NUM_SAMPLES, VAL_FRACTION
 from lib.networks import build_network, load_checkpoint, save_checkpoint
 from lib.trainers.split import persistent_split
 from lib.transforms.cache import open_cache
@@ -46,7 +46,7 @@ class MaskedChannelLoss(torch.nn.Module):
     there is more than one channel, which does not fit independent organ channels.)
     """
 
-    def __init__(self, channels: Sequence[int], pseudo_weight: float = 0.0):
+    def __init__(self, channels: Sequence[int], pseudo_weight: float = PSEUDO_WEIGHT):
         super().__init__()
         self.channels = list(channels)
         self.pseudo_weight = float(pseudo_weight)
@@ -69,7 +69,7 @@ LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-5
 
 
-def fine_tuning_loss(channels: Sequence[int], pseudo_weight: float = 0.0) -> MaskedChannelLoss:
+def fine_tuning_loss(channels: Sequence[int], pseudo_weight: float = PSEUDO_WEIGHT) -> MaskedChannelLoss:
     """The train task's loss: sigmoid BCE + Dice on the network output ``channels`` (0-based, the app's
     classes), organs nobody revised weighted ``pseudo_weight``."""
     return MaskedChannelLoss(channels, pseudo_weight)
@@ -138,7 +138,7 @@ class SuPreMTrainer(BasicTrainTask):
         amp: str = TRAIN_AMP,
         cache_dir: Optional[str] = None,
         gpus: str = "all",
-        pseudo_weight: float = 0.0,
+        pseudo_weight: float = PSEUDO_WEIGHT,
     ):
         self.backbone = backbone
         self.registry = registry

@@ -13,6 +13,7 @@ from monai.transforms import Compose
 from monailabel.tasks.train.basic_train import Context
 
 from lib.classes import CLASS_INDEX, LABEL_SETS
+from lib.config import parse_conf
 from testing.phantoms import make_phantom, write_phantom
 from lib.datastore import CheckedLocalDatastore
 from lib.networks import build_network, load_checkpoint
@@ -94,8 +95,9 @@ def test_an_unrevised_wrong_channel_gets_no_gradient_and_a_revised_one_does(tmp_
     assert float(grad[LIVER - 1]) == 0.0, "the wrong, unrevised liver must not teach the model"
     assert float(grad[PANCREAS - 1]) > 0.0
     assert all(float(grad[CLASS_INDEX[n] - 1]) == 0.0 for n in ORGANS if n != "pancreas")
-    # With pseudo_weight > 0 the pseudo labels teach too.
-    grad, _ = _output_grad_per_channel(tmp_path, registry, ds, pseudo_weight=0.5)
+    # With pseudo_weight > 0 the pseudo labels teach too: the app's default (--conf pseudo_weight not
+    # given) trains every channel of the assembled label, as AbdomenAtlas does.
+    grad, _ = _output_grad_per_channel(tmp_path, registry, ds, pseudo_weight=parse_conf({}).pseudo_weight)
     assert float(grad[LIVER - 1]) > 0.0 and float(grad[PANCREAS - 1]) > 0.0
 
 
