@@ -67,7 +67,9 @@
         const organs = h.organs === 'whole' ? 'the whole image' : h.organs.join(', ');
         const minutes = Math.max(1, Math.round(h.hold_left_s / 60));
         const message = `${organs} (held ${minutes} more min)`;
-        uiNotificationService.show({ title: 'SuPreM: organs to revise', message, type: 'info', duration: 20000 });
+        // On screen while the hold lasts (OHIF's toasts go after seconds): the organs are the revision's work.
+        const duration = Math.max(20, h.hold_left_s) * 1000;
+        uiNotificationService.show({ title: 'SuPreM: organs to revise', message, type: 'info', duration });
       }
     } catch (error) {
       console.warn('SuPreM: the hand-outs of this study could not be read', error);

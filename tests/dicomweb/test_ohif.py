@@ -491,11 +491,15 @@ def test_ohif_revision_mode_next_sample_brush_and_seg_export_record_the_organs_h
             f"the mode's notice of the organs handed out ({said})",
             60,
         )
+        notice_seen = time.monotonic()
         _open_panel(browser, server, study)
         _run_model(browser, "segresnet")
         drawn = next(n for n in ORGANS if n not in handed)
         stroke = _brush(browser, drawn)
         _export_seg(browser, orthanc, "organ revision")
+        # The notice stays while the hold lasts (30 min; OHIF's own notifications go after seconds).
+        time.sleep(max(0.0, 25.0 - (time.monotonic() - notice_seen)))
+        assert browser.evaluate(f"document.body.innerText.includes({said})"), "the organs' notice went away"
         _next_sample(browser, "importance")  # reads the SEG while the hand-out is open
     finally:
         browser.screenshot(str(shots / "panel-revision.png"))
