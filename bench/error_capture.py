@@ -4,7 +4,8 @@
     .venv/bin/python -m bench.error_capture --config tiny --models 2 --volumes 4 --out /tmp/ec   # smoke run
     .venv/bin/python -m bench.error_capture --config gpu --released DIR --device cuda   # the three backbones
 
-No retraining. A pool of phantom CTs (``testing/phantoms.py``: sites A-D, hard cases) with ground truth; ``--models``
+No retraining. A pool of phantom CTs (``testing/phantoms.py``: sites A-D, hard cases; ``--set pool=...`` draws
+the loop's pool kinds, ``bench.simulation.data.pool_studies``) with ground truth; ``--models``
 SegResNet starters trained on phantoms from different seeds (cached, as bench/simulate.py caches its
 starter), so that the inconsistency term exists. Each volume goes through the app's scorer
 (``VolumeScorer``: the recipe's pre-processing, each model's sliding-window probabilities, the ensemble's
@@ -396,6 +397,10 @@ def _report_only(out: str) -> int:
     return 0
 
 
+# The config fields a run's record names (with the preset's name: what decides the pool and the starters).
+RECORDED_SETTINGS = ("shape", "grid_mm", "roi", "starter_iters", "n_starter", "pool", "shifted_fraction")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="small", help="a bench/simulation/config.py preset (default small)")
@@ -446,7 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M"), "models": len(models), "volumes": len(studies),
             "units": len(rows), "labels": cfg.labels, "wall_s": round(time.time() - start),
             "model files": ", ".join(os.path.basename(m) for m in models),
-            "settings": json.dumps({k: cfg.as_dict()[k] for k in ("shape", "grid_mm", "roi", "starter_iters", "n_starter", "pool", "shifted_fraction")})}
+            "settings": json.dumps({k: cfg.as_dict()[k] for k in RECORDED_SETTINGS})}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(write_outputs(rows, out, meta))
