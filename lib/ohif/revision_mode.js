@@ -68,7 +68,8 @@
         const minutes = Math.max(1, Math.round(h.hold_left_s / 60));
         const message = `${organs} (held ${minutes} more min)`;
         // On screen while the hold lasts (OHIF's toasts go after seconds): the organs are the revision's work.
-        const duration = Math.max(20, h.hold_left_s) * 1000;
+        // (At most a day: a browser's timer overflows past 24.8 days and would close it at once.)
+        const duration = Math.min(Math.max(20, h.hold_left_s), 86400) * 1000;
         uiNotificationService.show({ title: 'SuPreM: organs to revise', message, type: 'info', duration });
       }
     } catch (error) {
