@@ -487,7 +487,8 @@ def test_ohif_revision_mode_next_sample_brush_and_seg_export_record_the_organs_h
         # There the mode says which organs were handed out (read from /info/), as the dialog does not.
         said = json.dumps(", ".join(handed))
         browser.wait_for(
-            f"document.body.innerText.includes('SuPreM: organs to revise') && document.body.innerText.includes({said})",
+            f"document.body.innerText.includes('SuPreM: organs to revise') && document.body.innerText.includes({said})"
+            " && document.body.innerText.includes('held until')",
             f"the mode's notice of the organs handed out ({said})",
             60,
         )
