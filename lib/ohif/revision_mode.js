@@ -66,7 +66,8 @@
       for (const h of handouts) {
         const organs = h.organs === 'whole' ? 'the whole image' : h.organs.join(', ');
         // The notice stays on screen, so it says when the hold ends rather than how long it has left.
-        const until = new Date(Date.now() + h.hold_left_s * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+        const ends = new Date(Date.now() + h.hold_left_s * 1000);
+        const until = ends.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
         const message = `${organs} (held until ${until})`;
         // On screen while the hold lasts (OHIF's toasts go after seconds): the organs are the revision's work.
         // (At most a day: a browser's timer overflows past 24.8 days and would close it at once.)
